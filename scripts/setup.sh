@@ -18,14 +18,20 @@ if [ ${#missing[@]} -gt 0 ]; then
     apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
+# Some machines' pip config lists local package indexes that may be absent: hide that noise.
+pip_install() {
+    .venv/bin/pip install -q --disable-pip-version-check "$@" 2>&1 | { grep -v "^WARNING: Location" || true; }
+    return "${PIPESTATUS[0]}"
+}
+
 python=${PYTHON:-python3}
 stamp=.venv/.installed
 want=$(cat requirements.txt pyproject.toml | sha256sum | cut -d' ' -f1)
 if [ ! -x .venv/bin/python ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     echo "setup: building .venv (pinned requirements.txt)"
     [ -x .venv/bin/python ] || "$python" -m venv .venv
-    .venv/bin/pip install -q --disable-pip-version-check -r requirements.txt
-    .venv/bin/pip install -q --disable-pip-version-check --no-deps -e .
+    pip_install -r requirements.txt
+    pip_install --no-deps -e .
     echo "$want" > "$stamp"
 fi
 

@@ -1,0 +1,130 @@
+"""Python client of masqd's Unix socket (newline-delimited JSON, docs/agent-api.md).
+
+    from masqd.client import Client
+    with Client() as agent:
+        agent.request("add", table="portfw", entry={...})
+
+`request` returns the response envelope of a successful call and raises MasqdError
+(field, value, message) when the agent answers `ok: false`, AgentUnavailable when
+nothing answers on the socket.
+"""
+
+import json
+import os
+import socket
+
+DEFAULT_SOCKET = "/run/masqd/masqd.sock"
+SOCKET_ENV = "MASQD_SOCKET"
+# The agent refuses larger requests; a response is never larger than the state.
+MAX_MESSAGE = 1 << 20
+MAX_RESPONSE = 64 << 20
+
+
+def default_socket_path():
+    """The socket path used when none is given: $MASQD_SOCKET, else the default."""
+    return os.environ.get(SOCKET_ENV) or DEFAULT_SOCKET
+
+
+class MasqdError(Exception):
+    """The agent refused a request; `field` and `value` name the offending input."""
+
+    def __init__(self, field, value, message):
+        self.field = field
+        self.value = value
+        self.message = message
+        super().__init__(self.__str__())
+
+    @classmethod
+    def from_envelope(cls, envelope):
+        error = envelope.get("error") or {}
+        return cls(error.get("field"), error.get("value"), error.get("message") or "request refused")
+
+    def __str__(self):
+        if self.field:
+            return "%s=%s: %s" % (self.field, json.dumps(self.value), self.message)
+        return self.message
+
+
+class AgentUnavailable(Exception):
+    """Nothing (or not masqd) answers on the socket."""
+
+
+class Client:
+    """One connection to masqd, opened on first use and kept for further requests."""
+
+    def __init__(self, socket_path=None, timeout=60.0):
+        self.socket_path = socket_path or default_socket_path()
+        self.timeout = timeout
+        self._sock = None
+        self._reader = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self):
+        if self._reader is not None:
+            self._reader.close()
+        if self._sock is not None:
+            self._sock.close()
+        self._sock = self._reader = None
+
+    def _connect(self):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(self.socket_path)
+        except (FileNotFoundError, ConnectionRefusedError) as exc:
+            sock.close()
+            raise AgentUnavailable(
+                "masqd is not running at %s: start it (masqd --socket %s) or point "
+                "--socket/%s at the running agent (%s)"
+                % (self.socket_path, self.socket_path, SOCKET_ENV, exc.strerror)) from exc
+        except PermissionError as exc:
+            sock.close()
+            raise AgentUnavailable(
+                "permission denied on masqd's socket %s: only root or members of the "
+                "agent's --group may use it" % self.socket_path) from exc
+        except OSError as exc:
+            sock.close()
+            raise AgentUnavailable("cannot connect to masqd at %s: %s" % (self.socket_path, exc)) from exc
+        self._sock = sock
+        self._reader = sock.makefile("rb")
+
+    def call(self, request):
+        """Send one request dict, return the agent's envelope as is (ok or not)."""
+        if self._sock is None:
+            self._connect()
+        line = json.dumps(request, separators=(",", ":")).encode() + b"\n"
+        try:
+            try:
+                self._sock.sendall(line)
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # the agent may have answered (a refusal) and hung up: read it
+            reply = self._reader.readline(MAX_RESPONSE + 1)
+        except OSError as exc:
+            self.close()
+            raise AgentUnavailable("connection to masqd at %s failed: %s" % (self.socket_path, exc)) from exc
+        if not reply.endswith(b"\n"):
+            self.close()
+            raise AgentUnavailable("masqd at %s closed the connection without an answer" % self.socket_path)
+        try:
+            envelope = json.loads(reply)
+        except ValueError as exc:
+            self.close()
+            raise AgentUnavailable("masqd at %s sent malformed JSON: %s" % (self.socket_path, exc)) from exc
+        if not isinstance(envelope, dict) or "ok" not in envelope:
+            self.close()
+            raise AgentUnavailable("masqd at %s sent an answer without 'ok'" % self.socket_path)
+        return envelope
+
+    def request(self, op, **args):
+        """Run `op` with `args`; returns the envelope, raises MasqdError on ok: false."""
+        request = {"op": op}
+        request.update(args)
+        envelope = self.call(request)
+        if not envelope["ok"]:
+            raise MasqdError.from_envelope(envelope)
+        return envelope

@@ -1,0 +1,108 @@
+"""masqd: the ipmasq.gateway agent. Runs in the foreground (systemd, a supervisor,
+or a lab namespace), programs the namespace's nftables and serves the JSON API on a
+Unix socket until SIGTERM/SIGINT.
+
+One agent per network namespace: each has its own --state-dir and --socket, and
+nothing else is shared.
+"""
+
+import argparse
+import logging
+import os
+import signal
+import sys
+
+from masqd.client import DEFAULT_SOCKET, SOCKET_ENV, default_socket_path
+from masqd.server import Server, ServerError
+
+DEFAULT_STATE_DIR = "/var/lib/masqd"
+LOG_FORMAT = "%(asctime)s masqd[%(process)d] %(levelname)s %(name)s: %(message)s"
+
+log = logging.getLogger("masqd")
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(
+        prog="masqd", description="ipmasq.gateway agent: PORTFW, AUTOFW, FWMARK and "
+        "masquerading on nftables, driven over a Unix socket (see masqctl).")
+    parser.add_argument("--state-dir", default=DEFAULT_STATE_DIR,
+                        help="where the desired state is kept (default %(default)s)")
+    parser.add_argument("--socket", default=None,
+                        help="Unix socket to serve (default $%s or %s)" % (SOCKET_ENV, DEFAULT_SOCKET))
+    parser.add_argument("--group", default=None,
+                        help="group whose members may also use the socket (mode 0660)")
+    parser.add_argument("--pidfile", default=None,
+                        help="write the agent's pid here (for supervisors without systemd)")
+    parser.add_argument("--log-level", default="info",
+                        choices=["debug", "info", "warning", "error"],
+                        help="default %(default)s")
+    return parser.parse_args(argv)
+
+
+def write_pidfile(path):
+    tmp = "%s.%d.tmp" % (path, os.getpid())
+    with open(tmp, "w") as handle:
+        handle.write("%d\n" % os.getpid())
+    os.rename(tmp, path)
+
+
+def remove_pidfile(path):
+    try:
+        with open(path) as handle:
+            if handle.read().strip() != str(os.getpid()):
+                return  # another process's pidfile now: leave it
+        os.unlink(path)
+    except (FileNotFoundError, ValueError):
+        pass
+
+
+def main(argv=None):
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(stream=sys.stderr, level=args.log_level.upper(), format=LOG_FORMAT)
+    socket_path = args.socket or default_socket_path()
+
+    # Imported here so `masqd --help` works without libnftables.
+    from masqd.service import Service
+
+    try:
+        server = Server(None, socket_path, group=args.group)
+        # Take the socket before touching the kernel: a second agent on the same
+        # socket must not reconcile the namespace under the first one.
+        server.prepare()
+    except (ServerError, OSError) as exc:
+        log.error("cannot start: %s", exc)
+        return 1
+
+    def stop(signum, _frame):
+        log.info("%s received, shutting down", signal.Signals(signum).name)
+        server.shutdown()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+
+    service = None
+    try:
+        service = Service(args.state_dir)
+        service.socket_path = server.socket_path
+        service.start()
+        server.service = service
+        server.listen()
+        if args.pidfile:
+            write_pidfile(args.pidfile)
+        log.info("ready: state in %s, socket %s", args.state_dir, server.socket_path)
+        server.serve_forever()
+    except Exception as exc:  # startup failure: say why, leave no socket behind
+        log.error("cannot start: %s", exc, exc_info=log.isEnabledFor(logging.DEBUG))
+        return 1
+    finally:
+        server.close()
+        if args.pidfile:
+            remove_pidfile(args.pidfile)
+        stopper = getattr(service, "stop", None)
+        if callable(stopper):
+            stopper()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

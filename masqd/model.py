@@ -1,0 +1,403 @@
+"""masqd's rule tables: validation and canonical entries.
+
+Every entry that reaches the renderer went through `normalize_entry`, which checks each
+field, fills defaults and returns the canonical JSON form of docs/agent-api.md. Bad
+input raises ValidationError naming the field path and the offending value.
+"""
+
+import functools
+import ipaddress
+import re
+import socket
+
+TABLES = ("portfw", "autofw", "mfw", "marks", "masquerade")
+
+# Table-size caps (documented in docs/architecture.md). They bound memory, the size of
+# one kernel transaction and the O(n) work of whole-table operations.
+MAX_ENTRIES = {
+    "portfw": 200000,
+    "autofw": 1024,
+    "mfw": 4096,
+    "marks": 1024,
+    "masquerade": 1024,
+}
+MAX_BACKENDS = 64
+MAX_PREF = 65535
+MAX_PORTS_PER_LIST = 64
+MAX_NAME_LEN = 64
+MAX_TIMEOUT = 86400
+DEFAULT_PREF = 10
+DEFAULT_AUTOFW_TIMEOUT = 15
+MARK_MAX = 2 ** 32 - 1
+
+FORWARD_PROTOCOLS = ("tcp", "udp")
+MATCH_PROTOCOLS = ("tcp", "udp", "icmp", "icmpv6")
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$")
+_RANGE_RE = re.compile(r"^(\d{1,5})-(\d{1,5})$")
+
+
+class ValidationError(Exception):
+    """Bad input: `field` is the path of the offending field, `value` its value."""
+
+    def __init__(self, field, value, message):
+        super().__init__("%s: %s (got %r)" % (field, message, value))
+        self.field = field
+        self.value = value
+        self.message = message
+
+    def to_dict(self):
+        value = self.value
+        if not isinstance(value, (str, int, float, bool, type(None), list, dict)):
+            value = repr(value)
+        return {"field": self.field, "value": value, "message": self.message}
+
+
+def _path(prefix, name):
+    return "%s.%s" % (prefix, name) if prefix else name
+
+
+# --- scalar validators: each returns the canonical value or raises ------------------
+
+def _int(value, field, low, high, what):
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValidationError(field, value, "%s must be an integer %d-%d" % (what, low, high))
+    if not low <= value <= high:
+        raise ValidationError(field, value, "%s must be %d-%d" % (what, low, high))
+    return value
+
+
+def port(value, field):
+    return _int(value, field, 1, 65535, "port")
+
+
+def pref(value, field):
+    return _int(value, field, 0, MAX_PREF, "pref")
+
+
+def mark(value, field):
+    return _int(value, field, 1, MARK_MAX, "mark")
+
+
+def boolean(value, field):
+    if not isinstance(value, bool):
+        raise ValidationError(field, value, "must be true or false")
+    return value
+
+
+def protocol(value, field, allowed=FORWARD_PROTOCOLS):
+    if value not in allowed:
+        raise ValidationError(field, value, "protocol must be one of %s" % ", ".join(allowed))
+    return value
+
+
+def address(value, field):
+    """An IPv4/IPv6 host address; returns (canonical string, family 4|6)."""
+    if not isinstance(value, str):
+        raise ValidationError(field, value, "must be an IPv4 or IPv6 address")
+    parsed = _parse_address(value)
+    if parsed is None:
+        raise ValidationError(field, value, "must be an IPv4 or IPv6 address")
+    if parsed[0] is None:
+        raise ValidationError(field, value, "must be a unicast address")
+    return parsed
+
+
+@functools.lru_cache(maxsize=65536)
+def _parse_address(value):
+    """(canonical, family), (None, family) for a non-unicast address, or None.
+    IPv4 takes a fast path (inet_pton is ~10x faster than ipaddress): 100,000-key
+    tables are validated on every `set`."""
+    try:
+        packed = socket.inet_pton(socket.AF_INET, value)
+    except OSError:
+        packed = None
+    if packed is not None:
+        if packed == b"\0\0\0\0" or 224 <= packed[0] <= 239:
+            return None, 4
+        return socket.inet_ntop(socket.AF_INET, packed), 4
+    try:
+        addr = ipaddress.ip_address(value)
+    except ValueError:
+        return None
+    if addr.version == 4:  # forms inet_pton refuses but ipaddress takes: none today
+        return None
+    if addr.is_unspecified or addr.is_multicast:
+        return None, 6
+    return str(addr), 6
+
+
+def network(value, field):
+    """A CIDR (or bare address = host route); returns (canonical string, family)."""
+    if not isinstance(value, str):
+        raise ValidationError(field, value, "must be an IPv4 or IPv6 network (CIDR)")
+    try:
+        net = ipaddress.ip_network(value, strict=True)
+    except ValueError as exc:
+        msg = "has host bits set" if "host bits" in str(exc) else "must be an IPv4 or IPv6 network (CIDR)"
+        raise ValidationError(field, value, msg) from None
+    return str(net), net.version
+
+
+def interface(value, field):
+    """A network interface name as the kernel accepts it (dev_valid_name) and nft can
+    quote: 1-15 printable ASCII characters, no '/', ':', whitespace, quote or backslash;
+    not '.' or '..'. A trailing '*' is nft's prefix wildcard ("ppp*")."""
+    ok = (isinstance(value, str) and 0 < len(value) <= 15 and value not in (".", "..")
+          and all(33 <= ord(c) <= 126 and c not in "/:\"\\" for c in value)
+          and "*" not in value[:-1])
+    if not ok:
+        raise ValidationError(field, value, "must be an interface name: 1-15 printable "
+                              "characters, no '/', ':', quote, backslash or whitespace")
+    return value
+
+
+def port_list(value, field):
+    """A list of ports and "low-high" ranges; returns the canonical list."""
+    if value is None:
+        return None
+    if not isinstance(value, list) or not value:
+        raise ValidationError(field, value, "must be a non-empty list of ports or \"low-high\" ranges")
+    if len(value) > MAX_PORTS_PER_LIST:
+        raise ValidationError(field, value, "at most %d ports or ranges" % MAX_PORTS_PER_LIST)
+    out = []
+    for i, item in enumerate(value):
+        f = "%s[%d]" % (field, i)
+        if isinstance(item, str):
+            m = _RANGE_RE.match(item)
+            if not m:
+                raise ValidationError(f, item, "must be a port or a \"low-high\" range")
+            low, high = port(int(m.group(1)), f), port(int(m.group(2)), f)
+            if low > high:
+                raise ValidationError(f, item, "range is reversed (low > high)")
+            out.append("%d-%d" % (low, high))
+        else:
+            out.append(port(item, f))
+    return out
+
+
+def port_intervals(ports):
+    """Sorted, merged (low, high) intervals of a canonical port list."""
+    spans = []
+    for item in ports:
+        if isinstance(item, int):
+            spans.append((item, item))
+        else:
+            low, high = item.split("-")
+            spans.append((int(low), int(high)))
+    spans.sort()
+    merged = []
+    for low, high in spans:
+        if merged and low <= merged[-1][1] + 1:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], high))
+        else:
+            merged.append((low, high))
+    return merged
+
+
+def name(value, field):
+    if not isinstance(value, str) or not 0 < len(value) <= MAX_NAME_LEN or not _NAME_RE.match(value):
+        raise ValidationError(field, value, "must be 1-%d characters of letters, digits, "
+                              "'_', '.', ':', '-' starting with a letter or digit" % MAX_NAME_LEN)
+    return value
+
+
+# --- entries --------------------------------------------------------------------------
+
+def _fields(raw, field, required, optional):
+    if not isinstance(raw, dict):
+        raise ValidationError(field or "entry", raw, "must be an object")
+    for key in raw:
+        if key not in required and key not in optional:
+            raise ValidationError(_path(field, str(key)), raw[key], "unknown field")
+    for key in required:
+        if key not in raw:
+            raise ValidationError(_path(field, key), None, "is required")
+
+
+def _same_family(families, field, value):
+    if len(set(f for f in families if f)) > 1:
+        raise ValidationError(field, value, "mixes IPv4 and IPv6")
+
+
+def _backends(raw, field, family, with_port, port_optional, require=True):
+    if not isinstance(raw, list) or (require and not raw):
+        raise ValidationError(field, raw, "must be a non-empty list of backends")
+    if len(raw) > MAX_BACKENDS:
+        raise ValidationError(field, len(raw), "at most %d backends per entry" % MAX_BACKENDS)
+    out, seen = [], set()
+    for i, b in enumerate(raw):
+        f = "%s[%d]" % (field, i)
+        optional = ("pref", "port") if port_optional else ("pref",)
+        _fields(b, f, ("address", "port") if (with_port and not port_optional) else ("address",), optional)
+        addr, fam = address(b["address"], f + ".address")
+        if family is None:
+            family = fam
+        elif fam != family:
+            raise ValidationError(f + ".address", b["address"], "mixes IPv4 and IPv6 in one entry")
+        p = b.get("port")
+        if p is not None or not port_optional:
+            p = port(p, f + ".port")
+        backend = {"address": addr, "port": p, "pref": pref(b.get("pref", DEFAULT_PREF), f + ".pref")}
+        if (addr, p) in seen:
+            raise ValidationError(f, b, "duplicate backend %s port %s" % (addr, p))
+        seen.add((addr, p))
+        out.append(backend)
+    return out
+
+
+def normalize_portfw(raw, field=""):
+    _fields(raw, field, ("protocol", "local_address", "local_port"), ("backends",))
+    proto = protocol(raw["protocol"], _path(field, "protocol"))
+    laddr, fam = address(raw["local_address"], _path(field, "local_address"))
+    lport = port(raw["local_port"], _path(field, "local_port"))
+    backends = _backends(raw.get("backends", []), _path(field, "backends"), fam, True, False, require=False)
+    return {"protocol": proto, "local_address": laddr, "local_port": lport, "backends": backends}
+
+
+def normalize_autofw(raw, field=""):
+    _fields(raw, field, ("protocol", "low_port", "high_port"),
+            ("hidden_host", "control_protocol", "control_port", "timeout"))
+    proto = protocol(raw["protocol"], _path(field, "protocol"))
+    low = port(raw["low_port"], _path(field, "low_port"))
+    high = port(raw["high_port"], _path(field, "high_port"))
+    if low > high:
+        raise ValidationError(_path(field, "high_port"), high, "range is reversed (low_port > high_port)")
+    entry = {"protocol": proto, "low_port": low, "high_port": high,
+             "hidden_host": None, "control_protocol": None, "control_port": None,
+             "timeout": _int(raw.get("timeout", DEFAULT_AUTOFW_TIMEOUT), _path(field, "timeout"),
+                             1, MAX_TIMEOUT, "timeout")}
+    hidden = raw.get("hidden_host")
+    control = raw.get("control_protocol"), raw.get("control_port")
+    if hidden is not None and control != (None, None):
+        raise ValidationError(_path(field, "hidden_host"), hidden,
+                              "give either hidden_host or control_protocol/control_port, not both")
+    if hidden is not None:
+        entry["hidden_host"] = address(hidden, _path(field, "hidden_host"))[0]
+    elif control != (None, None):
+        entry["control_protocol"] = protocol(control[0], _path(field, "control_protocol"))
+        entry["control_port"] = port(control[1], _path(field, "control_port"))
+    else:
+        raise ValidationError(_path(field, "hidden_host"), None,
+                              "one of hidden_host or control_protocol/control_port is required")
+    return entry
+
+
+def normalize_mfw(raw, field=""):
+    _fields(raw, field, ("mark",), ("backends",))
+    m = mark(raw["mark"], _path(field, "mark"))
+    backends = _backends(raw.get("backends", []), _path(field, "backends"), None, True, True, require=False)
+    return {"mark": m, "backends": backends}
+
+
+def _criteria(raw, field, entry):
+    """Shared match criteria of marks and masquerade rules."""
+    families = []
+    for key in ("source", "destination"):
+        value = raw.get(key)
+        entry[key] = None
+        if value is not None:
+            entry[key], fam = network(value, _path(field, key))
+            families.append(fam)
+        entry[key + "_invert"] = boolean(raw.get(key + "_invert", False), _path(field, key + "_invert"))
+        if entry[key + "_invert"] and entry[key] is None:
+            raise ValidationError(_path(field, key + "_invert"), True, "needs %s" % key)
+    _same_family(families, _path(field, "destination"), raw.get("destination"))
+    proto = raw.get("protocol")
+    entry["protocol"] = None if proto is None else protocol(proto, _path(field, "protocol"), MATCH_PROTOCOLS)
+    if proto == "icmp" and 6 in families or proto == "icmpv6" and 4 in families:
+        raise ValidationError(_path(field, "protocol"), proto, "does not match the address family")
+    for key in ("source_ports", "destination_ports"):
+        entry[key] = port_list(raw.get(key), _path(field, key))
+        if entry[key] is not None and proto not in (None, "tcp", "udp"):
+            raise ValidationError(_path(field, key), raw.get(key), "ports need protocol tcp or udp")
+    return entry
+
+
+_CRITERIA = ("source", "source_invert", "destination", "destination_invert", "protocol",
+             "source_ports", "destination_ports")
+
+
+def normalize_marks(raw, field=""):
+    _fields(raw, field, ("name", "mark"), _CRITERIA + ("input_interface",))
+    entry = {"name": name(raw["name"], _path(field, "name")), "mark": mark(raw["mark"], _path(field, "mark"))}
+    _criteria(raw, field, entry)
+    iface = raw.get("input_interface")
+    entry["input_interface"] = None if iface is None else interface(iface, _path(field, "input_interface"))
+    return entry
+
+
+def normalize_masquerade(raw, field=""):
+    _fields(raw, field, ("name",), _CRITERIA + ("output_interface",))
+    entry = {"name": name(raw["name"], _path(field, "name"))}
+    _criteria(raw, field, entry)
+    iface = raw.get("output_interface")
+    entry["output_interface"] = None if iface is None else interface(iface, _path(field, "output_interface"))
+    return entry
+
+
+_NORMALIZERS = {
+    "portfw": normalize_portfw,
+    "autofw": normalize_autofw,
+    "mfw": normalize_mfw,
+    "marks": normalize_marks,
+    "masquerade": normalize_masquerade,
+}
+
+
+def table_name(value, field="table"):
+    if value not in TABLES:
+        raise ValidationError(field, value, "table must be one of %s" % ", ".join(TABLES))
+    return value
+
+
+def normalize_entry(table, raw, field="entry"):
+    return _NORMALIZERS[table](raw, field)
+
+
+def entry_key(table, entry):
+    """The identity of an entry within its table (see docs/agent-api.md)."""
+    if table == "portfw":
+        return (entry["protocol"], entry["local_address"], entry["local_port"])
+    if table == "autofw":
+        return (entry["protocol"], entry["low_port"], entry["high_port"])
+    if table == "mfw":
+        return entry["mark"]
+    return entry["name"]
+
+
+def key_fields(table):
+    return {"portfw": ("protocol", "local_address", "local_port"),
+            "autofw": ("protocol", "low_port", "high_port"),
+            "mfw": ("mark",), "marks": ("name",), "masquerade": ("name",)}[table]
+
+
+def check_table(table, entries, field="entries"):
+    """Cross-entry rules of a whole table: size cap, and AUTOFW ranges that overlap."""
+    if len(entries) > MAX_ENTRIES[table]:
+        raise ValidationError(field, len(entries), "table %s holds at most %d entries"
+                              % (table, MAX_ENTRIES[table]))
+    if table == "autofw":
+        spans = sorted((e["protocol"], e["low_port"], e["high_port"], i) for i, e in enumerate(entries))
+        for a, b in zip(spans, spans[1:]):
+            if a[0] == b[0] and b[1] <= a[2]:
+                raise ValidationError("%s[%d]" % (field, b[3]), entries[b[3]],
+                                      "port range overlaps another autofw entry")
+
+
+def normalize_table(table, raw_entries, field="entries"):
+    """Validate a whole table (for `set`/`plan`): returns {key: entry} in order."""
+    if not isinstance(raw_entries, list):
+        raise ValidationError(field, raw_entries, "must be a list of entries")
+    out = {}
+    for i, raw in enumerate(raw_entries):
+        f = "%s[%d]" % (field, i)
+        entry = normalize_entry(table, raw, f)
+        key = entry_key(table, entry)
+        if key in out:
+            raise ValidationError(f, raw, "duplicate entry for key %s" % (key,))
+        if table in ("portfw", "mfw") and not entry["backends"]:
+            raise ValidationError(f + ".backends", [], "must be a non-empty list of backends")
+        out[key] = entry
+    check_table(table, list(out.values()), field)
+    return out

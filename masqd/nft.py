@@ -1,0 +1,193 @@
+"""Backends that apply render.Transactions: the kernel via libnftables, and a fake.
+
+Both offer the same interface, which masqd.service.Service uses:
+  apply(txn, dry_run=False)  one atomic transaction; raises NftError(kernel message)
+  read_counters()            (rule counters {chain: [packets, ...]},
+                              element counters {map: {key text: packets}})
+"""
+
+import copy
+import ctypes
+import json
+
+from masqd import render
+
+
+class NftError(Exception):
+    """The kernel (or libnftables) refused a transaction; the message is nft's."""
+
+
+class LibNftables:
+    """The real kernel, through libnftables (Debian's libnftables1 + pip-nftables).
+
+    Text commands via `cmd`: measured 2-3x faster than `json_cmd` for 100,000 keys on
+    this machine; safe because render builds text only from validated values."""
+
+    def __init__(self):
+        import nftables  # imported here so unit tests never need the library
+        self._nft = nftables.Nftables()
+        self._nft.set_handle_output(False)
+        lib = ctypes.CDLL("libnftables.so.1")
+        self._set_dry_run = lib.nft_ctx_set_dry_run
+        self._set_dry_run.argtypes = [ctypes.c_void_p, ctypes.c_bool]
+        self._ctx = self._nft._Nftables__ctx  # pip-nftables does not wrap dry run
+
+    def apply(self, txn, dry_run=False):
+        if not txn:
+            return
+        self._set_dry_run(self._ctx, bool(dry_run))
+        try:
+            rc, _out, err = self._nft.cmd(txn.to_text())
+        finally:
+            self._set_dry_run(self._ctx, False)
+        if rc != 0:
+            raise NftError(_first_error(err))
+
+    def list_table(self):
+        """The table as nft JSON objects, or None when it does not exist."""
+        self._nft.set_json_output(True)
+        try:
+            rc, out, _err = self._nft.cmd("list table %s" % render.QUALIFIED)
+        finally:
+            self._nft.set_json_output(False)
+        if rc != 0:
+            return None
+        return json.loads(out)["nftables"]
+
+    def list_text(self):
+        rc, out, err = self._nft.cmd("list table %s" % render.QUALIFIED)
+        if rc != 0:
+            raise NftError(_first_error(err))
+        return out
+
+    def read_counters(self):
+        rules, elements = {}, {}
+        for obj in self.list_table() or []:
+            if "rule" in obj:
+                rule = obj["rule"]
+                for expr in rule["expr"]:
+                    if "counter" in expr and expr["counter"]:
+                        rules.setdefault(rule["chain"], []).append(expr["counter"]["packets"])
+            elif "map" in obj:
+                m = obj["map"]
+                for item in m.get("elem", []):
+                    key = item[0] if isinstance(item, list) else item
+                    if isinstance(key, dict) and "elem" in key:
+                        counter = key["elem"].get("counter")
+                        if counter is not None:
+                            elements.setdefault(m["name"], {})[_key_text(key["elem"]["val"])] = counter["packets"]
+        return rules, elements
+
+
+def _key_text(val):
+    if isinstance(val, dict) and "concat" in val:
+        return " . ".join(_key_text(v) for v in val["concat"])
+    if isinstance(val, dict) and "range" in val:
+        return "%s-%s" % tuple(val["range"])
+    return str(val)
+
+
+def _first_error(err):
+    """nft's error text without the echoed (possibly 100,000-line) command buffer."""
+    lines = [l for l in (err or "").splitlines() if l.startswith("Error:")]
+    if not lines:
+        return (err or "nft failed").strip()[:500]
+    return "; ".join(dict.fromkeys(lines))[:500]
+
+
+class FakeNftables:
+    """In-memory stand-in for the kernel table, for unit tests: applies ops with the
+    kernel's checks (missing chain/element -> ENOENT, existing element with another
+    value -> EEXIST, deleting a referenced chain -> EBUSY), atomically, and records
+    every transaction. `reject` (a callable(op) -> message or None) simulates the
+    kernel refusing something."""
+
+    def __init__(self):
+        self.exists = False
+        self.chains, self.maps, self.elements = {}, {}, {}
+        self.transactions = []  # (Transaction, dry_run)
+        self.reject = None
+        self.rule_counters, self.element_counters = {}, {}
+
+    def apply(self, txn, dry_run=False):
+        if not txn:
+            return
+        self.transactions.append((txn, dry_run))
+        state = copy.deepcopy((self.exists, self.chains, self.maps, self.elements))
+        for op in txn.ops:
+            msg = self.reject(op) if self.reject else None
+            if msg:
+                raise NftError("Error: " + msg)
+            state = self._apply_op(state, op)
+        if not dry_run:
+            self.exists, self.chains, self.maps, self.elements = state
+
+    def _apply_op(self, state, op):
+        exists, chains, maps, elements = state
+        if op.kind == "table":
+            if op.verb == "add":
+                return True, chains, maps, elements
+            if not exists:
+                raise NftError("Error: No such file or directory (table)")
+            return False, {}, {}, {}
+        if not exists:
+            raise NftError("Error: No such file or directory (table)")
+        if op.kind == "map":
+            if op.verb == "add":
+                if op.name not in maps:
+                    maps[op.name] = op.arg
+                    elements[op.name] = {}
+            else:
+                self._need(maps, op.name)
+                del maps[op.name], elements[op.name]
+        elif op.kind == "chain":
+            if op.verb == "add":
+                chains.setdefault(op.name, render.Chain(op.name, op.arg.hook, ()))
+            elif op.verb == "flush":
+                self._need(chains, op.name)
+                chains[op.name] = chains[op.name]._replace(rules=())
+            else:
+                self._need(chains, op.name)
+                if self._referenced(chains, elements, op.name):
+                    raise NftError("Error: Could not process rule: Device or resource busy")
+                del chains[op.name]
+        elif op.kind == "rule":
+            self._need(chains, op.name)
+            if "jump " in op.arg or "goto " in op.arg:
+                self._need(chains, op.arg.split()[-1])
+            chains[op.name] = chains[op.name]._replace(rules=chains[op.name].rules + (op.arg,))
+        elif op.kind == "element":
+            self._need(maps, op.name)
+            elems = elements[op.name]
+            if op.verb == "add":
+                for k, v in op.arg:
+                    if v is not None and v.startswith("goto "):
+                        self._need(chains, v[5:])
+                    if k in elems and elems[k] != v:
+                        raise NftError("Error: Could not process rule: File exists")
+                    elems[k] = v
+            else:
+                for k in op.arg:
+                    self._need(elems, k)
+                    del elems[k]
+        return exists, chains, maps, elements
+
+    @staticmethod
+    def _need(container, name):
+        if name not in container:
+            raise NftError("Error: Could not process rule: No such file or directory (%s)" % name)
+
+    @staticmethod
+    def _referenced(chains, elements, name):
+        target = "goto " + name
+        if any(target == v for elems in elements.values() for v in elems.values()):
+            return True
+        return any(r.endswith("jump " + name) for c in chains.values() for r in c.rules)
+
+    def dump(self):
+        if not self.exists:
+            return ""
+        return render.dump(self.chains, self.maps, self.elements)
+
+    def read_counters(self):
+        return copy.deepcopy(self.rule_counters), copy.deepcopy(self.element_counters)

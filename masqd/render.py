@@ -1,0 +1,452 @@
+"""Desired state -> the `inet masqd` nftables table, as typed objects, and diffs of it.
+
+knftables-style: a Ruleset is a set of Fragments (one per PORTFW key, AUTOFW entry,
+mfw mark, plus the whole marks and masquerade tables and the fixed skeleton). Each
+Fragment holds Chains, Map definitions and map Elements. `diff(old, new, fids)` turns
+the difference of some fragments into a Transaction: typed ops, applied atomically by a
+backend (masqd.nft). A single-key change diffs one fragment, so its cost does not
+depend on how many keys are loaded.
+
+Rule text is built only from validated, canonical values (ipaddress strings, ints,
+protocol names from a closed list, interface names checked by model.interface), never
+from raw user strings. Chain names come from stable ids: a hash of the PORTFW key, the
+mfw mark number, or fixed names.
+"""
+
+import hashlib
+from collections import namedtuple
+
+FAMILY = "inet"
+TABLE = "masqd"
+QUALIFIED = "%s %s" % (FAMILY, TABLE)
+
+Chain = namedtuple("Chain", "name hook rules")  # hook: None or "type nat hook ... policy accept"
+MapDef = namedtuple("MapDef", "name kind spec")  # kind: "map" | "set"; spec: "type ...; flags ...;"
+
+
+class Fragment:
+    """The nft objects one piece of state owns."""
+
+    __slots__ = ("chains", "maps", "elements")
+
+    def __init__(self, chains=(), maps=(), elements=None):
+        self.chains = {c.name: c for c in chains}
+        self.maps = {m.name: m for m in maps}
+        self.elements = elements or {}  # map name -> {key text: value text or None (sets)}
+
+    def __eq__(self, other):
+        return (isinstance(other, Fragment) and self.chains == other.chains
+                and self.maps == other.maps and self.elements == other.elements)
+
+
+EMPTY = Fragment()
+
+
+class Ruleset:
+    """The whole table: fragment id -> Fragment."""
+
+    def __init__(self, fragments=None):
+        self.fragments = fragments or {}
+
+    def replace(self, changes):
+        """A new Ruleset with some fragments replaced (None removes one)."""
+        fragments = dict(self.fragments)
+        for fid, frag in changes.items():
+            if frag is None or frag == EMPTY:
+                fragments.pop(fid, None)
+            else:
+                fragments[fid] = frag
+        return Ruleset(fragments)
+
+    def objects(self):
+        """Merged view: (chains, maps, elements) as the kernel would hold them."""
+        chains, maps, elements = {}, {}, {}
+        for frag in self.fragments.values():
+            chains.update(frag.chains)
+            maps.update(frag.maps)
+            for name, elems in frag.elements.items():
+                elements.setdefault(name, {}).update(elems)
+        return chains, maps, elements
+
+    def dump(self):
+        return dump(*self.objects())
+
+
+# --- transactions ---------------------------------------------------------------------
+
+Op = namedtuple("Op", "verb kind name arg")
+# verbs/kinds: add table, delete table, add map (arg MapDef), delete map, add chain
+# (arg Chain: declares it), flush chain, add rule (arg rule text), delete chain,
+# add element (arg [(key, value)]), delete element (arg [key]).
+
+
+class Transaction:
+    """An ordered list of Ops, applied by a backend as one atomic nft transaction."""
+
+    def __init__(self, ops=None):
+        self.ops = ops or []
+
+    def __bool__(self):
+        return bool(self.ops)
+
+    def __len__(self):
+        return len(self.ops)
+
+    def to_text(self):
+        lines = []
+        for op in self.ops:
+            lines.append(_op_text(op))
+        return "\n".join(lines) + ("\n" if lines else "")
+
+
+def _op_text(op):
+    if op.kind == "table":
+        return "%s table %s" % (op.verb, QUALIFIED)
+    if op.kind == "map":
+        if op.verb == "add":
+            return "add %s %s %s { %s }" % (op.arg.kind, QUALIFIED, op.name, op.arg.spec)
+        return "delete %s %s %s" % (op.arg, QUALIFIED, op.name)
+    if op.kind == "chain":
+        if op.verb == "add" and op.arg.hook:
+            return "add chain %s %s { %s }" % (QUALIFIED, op.name, op.arg.hook)
+        return "%s chain %s %s" % (op.verb, QUALIFIED, op.name)
+    if op.kind == "rule":
+        return "add rule %s %s %s" % (QUALIFIED, op.name, op.arg)
+    if op.kind == "element":
+        if op.verb == "add":
+            items = ", ".join(k if v is None else "%s : %s" % (k, v) for k, v in op.arg)
+        else:
+            items = ", ".join(op.arg)
+        return "%s element %s %s { %s }" % (op.verb, QUALIFIED, op.name, items)
+    raise ValueError("unknown op %r" % (op,))
+
+
+def full_sync(ruleset):
+    """Delete and recreate the table in one transaction (start, and after failures)."""
+    chains, maps, elements = ruleset.objects()
+    ops = [Op("add", "table", None, None), Op("delete", "table", None, None),
+           Op("add", "table", None, None)]
+    ops += [Op("add", "map", m.name, m) for m in maps.values()]
+    ops += [Op("add", "chain", c.name, c) for c in chains.values()]
+    for c in chains.values():
+        ops += [Op("add", "rule", c.name, r) for r in c.rules]
+    ops += [Op("add", "element", name, sorted(elems.items()))
+            for name, elems in elements.items() if elems]
+    return Transaction(ops)
+
+
+def diff(old, new, fids=None):
+    """Transaction turning `old` into `new`, looking only at fragments `fids` (all if None).
+
+    Order keeps every intermediate reference valid: new maps and chains first, element
+    deletions before additions (a changed value is delete+add), chains and maps that
+    nothing references any more last."""
+    if fids is None:
+        fids = set(old.fragments) | set(new.fragments)
+    add_maps, add_chains, rules, del_elems, add_elems, del_chains, del_maps = ([] for _ in range(7))
+    for fid in fids:
+        a = old.fragments.get(fid, EMPTY)
+        b = new.fragments.get(fid, EMPTY)
+        if a is b:
+            continue
+        for name, m in b.maps.items():
+            if a.maps.get(name) != m:
+                if name in a.maps:
+                    del_maps.append(Op("delete", "map", name, a.maps[name].kind))
+                add_maps.append(Op("add", "map", name, m))
+        for name, m in a.maps.items():
+            if name not in b.maps:
+                del_maps.append(Op("delete", "map", name, m.kind))
+        for name, c in b.chains.items():
+            prev = a.chains.get(name)
+            if prev == c:
+                continue
+            ops = [] if prev is None else [Op("flush", "chain", name, None)]
+            if prev is None:
+                add_chains.append(Op("add", "chain", name, c))
+            rules.append((name, ops + [Op("add", "rule", name, r) for r in c.rules]))
+        for name in a.chains:
+            if name not in b.chains:
+                del_chains.append(Op("delete", "chain", name, None))
+        for name in set(a.elements) | set(b.elements):
+            ea, eb = a.elements.get(name, {}), b.elements.get(name, {})
+            gone = [k for k, v in ea.items() if k not in eb or eb[k] != v]
+            new_items = [(k, v) for k, v in eb.items() if k not in ea or ea[k] != v]
+            if gone:
+                del_elems.append(Op("delete", "element", name, sorted(gone)))
+            if new_items:
+                add_elems.append(Op("add", "element", name, sorted(new_items)))
+    by_name = lambda op: op.name  # deterministic text whatever the order of `fids`
+    rules = [op for _name, ops in sorted(rules, key=lambda item: item[0]) for op in ops]
+    return Transaction(sorted(add_maps, key=by_name) + sorted(add_chains, key=by_name) + rules
+                       + _merge(del_elems) + _merge(add_elems)
+                       + sorted(del_chains, key=by_name) + sorted(del_maps, key=by_name))
+
+
+def _merge(ops):
+    """One element statement per map (fewer lines for whole-table changes)."""
+    by_map = {}
+    for op in ops:
+        by_map.setdefault(op.name, []).extend(op.arg)
+    return [Op(ops[0].verb, "element", name, items) for name, items in sorted(by_map.items())]
+
+
+# --- dump: canonical text of a table (goldens, the fake backend) ------------------------
+
+def dump(chains, maps, elements):
+    out = ["table %s {" % QUALIFIED]
+    for name in sorted(maps):
+        m = maps[name]
+        out.append("\t%s %s {" % (m.kind, name))
+        out += ["\t\t%s" % part.strip() for part in m.spec.split(";") if part.strip()]
+        elems = elements.get(name) or {}
+        if elems:
+            out.append("\t\telements = {")
+            out += ["\t\t\t%s" % (k if v is None else "%s : %s" % (k, v)) for k, v in sorted(elems.items())]
+            out.append("\t\t}")
+        out.append("\t}")
+    for name in sorted(chains):
+        c = chains[name]
+        out.append("\tchain %s {" % name)
+        if c.hook:
+            out.append("\t\t%s" % c.hook)
+        out += ["\t\t%s" % r for r in c.rules]
+        out.append("\t}")
+    out.append("}")
+    return "\n".join(out) + "\n"
+
+
+# --- rendering the state --------------------------------------------------------------
+
+def _fam(address):
+    return 6 if ":" in address else 4
+
+
+def _ipkw(fam):
+    return "ip6" if fam == 6 else "ip"
+
+
+def _suffix(fam):
+    return "v6" if fam == 6 else "v4"
+
+
+def _dnat_target(address, port):
+    if port is None:
+        return address
+    return "[%s]:%d" % (address, port) if _fam(address) == 6 else "%s:%d" % (address, port)
+
+
+def _map_port(address, port):
+    return "%s . %d" % (address, port)
+
+
+_NAT_PRE = "type nat hook prerouting priority dstnat; policy accept;"
+_NAT_POST = "type nat hook postrouting priority srcnat; policy accept;"
+_MANGLE_PRE = "type filter hook prerouting priority mangle; policy accept;"
+_L4 = "meta l4proto { tcp, udp }"
+
+BASE_MAPS = []
+for _fam_, _addr in ((4, "ipv4_addr"), (6, "ipv6_addr")):
+    _s = _suffix(_fam_)
+    BASE_MAPS += [
+        # PORTFW keys with several backends: key -> goto their scheduling chain.
+        MapDef("portfw_" + _s, "map", "type %s . inet_proto . inet_service : verdict;" % _addr),
+        # PORTFW keys with one target: key -> address . port, no chain; per-element
+        # counter = connections, from which list computes pcnt.
+        MapDef("portfw_direct_" + _s, "map",
+               "type %s . inet_proto . inet_service : %s . inet_service; counter;" % (_addr, _addr)),
+        # AUTOFW with a fixed hidden host: protocol . port range -> host (port kept).
+        MapDef("autofw_" + _s, "map", "type inet_proto . inet_service : %s; flags interval;" % _addr),
+        # Reserved for AUTOFW control-port detection: timed recipient elements.
+        MapDef("autofw_recipients_" + _s, "map",
+               "type inet_proto . inet_service : %s; flags interval, timeout;" % _addr),
+    ]
+BASE_MAPS += [
+    MapDef("mfw_marks", "map", "type mark : verdict;"),
+    # Marks masqd's classifiers assign: only these are restored from the ct mark.
+    MapDef("mark_values", "set", "type mark;"),
+]
+
+PREROUTING_RULES = (
+    _L4 + " ip daddr . meta l4proto . th dport vmap @portfw_v4",
+    _L4 + " dnat ip to ip daddr . meta l4proto . th dport map @portfw_direct_v4",
+    _L4 + " ip6 daddr . meta l4proto . th dport vmap @portfw_v6",
+    _L4 + " dnat ip6 to ip6 daddr . meta l4proto . th dport map @portfw_direct_v6",
+    "meta mark != 0 meta mark vmap @mfw_marks",
+    "fib daddr type local " + _L4 + " dnat ip to meta l4proto . th dport map @autofw_v4",
+    "fib daddr type local " + _L4 + " dnat ip6 to meta l4proto . th dport map @autofw_v6",
+)
+
+MARK_RULES = (
+    # First packet of a connection, not marked by anyone else: classify.
+    "ct state new meta mark 0 ct mark 0 jump mark_classify",
+    # Later packets: restore our mark from conntrack. Constant cost per packet.
+    "ct state != new meta mark 0 ct mark @mark_values meta mark set ct mark",
+)
+
+
+def base_fragment():
+    return Fragment(
+        chains=[Chain("prerouting", _NAT_PRE, PREROUTING_RULES),
+                Chain("mark_prerouting", _MANGLE_PRE, MARK_RULES)],
+        maps=BASE_MAPS)
+
+
+def schedule(backends):
+    """How the kernel picks among `backends` (in current list order, head first).
+
+    Returns ("single", backend) or ("cascade", backends). pref 0 means no scheduling:
+    a pref-0 head stays head; a list holding a pref-0 backend further back settles on
+    the first pref-0 backend (the 2.2 kernel reached the same state after the backends
+    ahead of it used up their pcnt)."""
+    for b in backends:
+        if b["pref"] == 0:
+            return "single", b
+    if len(backends) == 1:
+        return "single", backends[0]
+    return "cascade", backends
+
+
+def cascade_rules(backends, match):
+    """One rule per backend, numgen per rule: rule i sees only the connections rules
+    0..i-1 passed on, so `numgen inc mod rest < pref` sends exactly pref consecutive
+    connections to backend i, then the rest move on: 15/5 gives 15 then 5, repeating."""
+    rules, rest = [], sum(b["pref"] for b in backends)
+    for i, b in enumerate(backends):
+        target = _dnat_target(b["address"], b["port"])
+        verb = "dnat %s to %s" % (_ipkw(_fam(b["address"])), target)
+        if i < len(backends) - 1:
+            rules.append("%s numgen inc mod %d < %d counter %s" % (match(b), rest, b["pref"], verb))
+        else:
+            rules.append("%scounter %s" % (match(b) + " " if match(b) else "", verb))
+        rest -= b["pref"]
+    return rules
+
+
+def portfw_chain_name(key):
+    digest = hashlib.blake2b(("%s %s %d" % key).encode(), digest_size=8).hexdigest()
+    return "pf_" + digest
+
+
+def portfw_fragment(entry):
+    key = (entry["protocol"], entry["local_address"], entry["local_port"])
+    fam = _fam(entry["local_address"])
+    elem_key = "%s . %s . %d" % (entry["local_address"], entry["protocol"], entry["local_port"])
+    how, target = schedule(entry["backends"])
+    if how == "single":
+        return Fragment(elements={"portfw_direct_" + _suffix(fam): {
+            elem_key: _map_port(target["address"], target["port"])}})
+    name = portfw_chain_name(key)
+    rules = cascade_rules(target, lambda b: "meta l4proto " + entry["protocol"])
+    return Fragment(chains=[Chain(name, None, tuple(rules))],
+                    elements={"portfw_" + _suffix(fam): {elem_key: "goto " + name}})
+
+
+def mfw_order(entry, head):
+    """The mark's backends in current list order; `head` = {address, port} or None."""
+    backends = entry["backends"]
+    for i, b in enumerate(backends):
+        if head and b["address"] == head.get("address") and b["port"] == head.get("port"):
+            return backends[i:] + backends[:i]
+    return list(backends)
+
+
+def mfw_chain_name(mark):
+    return "mfw_%d" % mark
+
+
+def mfw_fragment(entry, head=None):
+    order = mfw_order(entry, head)
+    how, target = schedule(order)
+    match = lambda b: _L4 if b["port"] is not None else ""  # dnat to a port needs l4
+    if how == "single":
+        rules = cascade_rules([target], match)
+    else:
+        rules = cascade_rules(target, match)
+    name = mfw_chain_name(entry["mark"])
+    return Fragment(chains=[Chain(name, None, tuple(rules))],
+                    elements={"mfw_marks": {str(entry["mark"]): "goto " + name}})
+
+
+def autofw_fragment(entry):
+    if entry["hidden_host"] is None:
+        return EMPTY  # control-port detection: not rendered yet (autofw_recipients_*)
+    ports = ("%d" % entry["low_port"] if entry["low_port"] == entry["high_port"]
+             else "%d-%d" % (entry["low_port"], entry["high_port"]))
+    fam = _fam(entry["hidden_host"])
+    return Fragment(elements={"autofw_" + _suffix(fam): {
+        "%s . %s" % (entry["protocol"], ports): entry["hidden_host"]}})
+
+
+def _port_set(ports):
+    from masqd.model import port_intervals
+    items = ["%d" % lo if lo == hi else "%d-%d" % (lo, hi) for lo, hi in port_intervals(ports)]
+    return "{ %s }" % ", ".join(items)
+
+
+_L4_NAMES = {"tcp": "tcp", "udp": "udp", "icmp": "icmp", "icmpv6": "ipv6-icmp"}
+
+
+def criteria(entry):
+    """Match expressions of a marks/masquerade rule, in evaluation order."""
+    parts = []
+    for key, kw in (("input_interface", "iifname"), ("output_interface", "oifname")):
+        if entry.get(key):
+            parts.append('%s "%s"' % (kw, entry[key]))
+    for key, field in (("source", "saddr"), ("destination", "daddr")):
+        if entry[key]:
+            parts.append("%s %s %s%s" % (_ipkw(_fam(entry[key])), field,
+                                         "!= " if entry[key + "_invert"] else "", entry[key]))
+    if entry["protocol"]:
+        parts.append("meta l4proto " + _L4_NAMES[entry["protocol"]])
+    elif entry["source_ports"] or entry["destination_ports"]:
+        parts.append(_L4)
+    for key, field in (("source_ports", "sport"), ("destination_ports", "dport")):
+        if entry[key]:
+            parts.append("th %s %s" % (field, _port_set(entry[key])))
+    return parts
+
+
+def marks_fragment(entries):
+    rules = tuple(" ".join(criteria(e) + ["meta mark set %d ct mark set %d return" % (e["mark"], e["mark"])])
+                  for e in entries)
+    return Fragment(chains=[Chain("mark_classify", None, rules)],
+                    elements={"mark_values": {str(e["mark"]): None for e in entries}})
+
+
+def masquerade_fragment(entries):
+    rules = tuple(" ".join(criteria(e) + ["masquerade"]) for e in entries)
+    return Fragment(chains=[Chain("postrouting", _NAT_POST, rules)])
+
+
+def fragment_for(table, key, tables, mfw_heads):
+    """The fragment id and Fragment that entry `key` of `table` renders to."""
+    if table in ("marks", "masquerade"):
+        entries = list(tables[table].values())
+        frag = marks_fragment(entries) if table == "marks" else masquerade_fragment(entries)
+        return table, frag
+    entry = tables[table].get(key)
+    fid = (table, key)
+    if entry is None:
+        return fid, None
+    if table == "portfw":
+        return fid, portfw_fragment(entry)
+    if table == "autofw":
+        return fid, autofw_fragment(entry)
+    return fid, mfw_fragment(entry, mfw_heads.get(key))
+
+
+def render(tables, mfw_heads=None):
+    """The whole Ruleset of a state (`tables`: name -> {key: entry})."""
+    mfw_heads = mfw_heads or {}
+    fragments = {"base": base_fragment()}
+    fragments["marks"] = marks_fragment(list(tables.get("marks", {}).values()))
+    fragments["masquerade"] = masquerade_fragment(list(tables.get("masquerade", {}).values()))
+    for table, make in (("portfw", portfw_fragment), ("autofw", autofw_fragment)):
+        for key, entry in tables.get(table, {}).items():
+            frag = make(entry)
+            if frag is not EMPTY:
+                fragments[(table, key)] = frag
+    for key, entry in tables.get("mfw", {}).items():
+        fragments[("mfw", key)] = mfw_fragment(entry, mfw_heads.get(key))
+    return Ruleset(fragments)

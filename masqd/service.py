@@ -1,0 +1,450 @@
+"""The agent's core: the ops of docs/agent-api.md over state, kernel and store.
+
+A write goes: validate -> compute the new state -> render only the fragments it
+touches -> apply their diff to the kernel in one transaction -> persist. If applying
+fails, nothing is persisted (and a transaction is atomic, so the kernel is as before).
+If persisting fails, the kernel is rolled back to the previous rendering. One lock
+serialises every request, so the daemon may call `handle` from many threads.
+"""
+
+import threading
+
+from masqd import __version__, model, render
+from masqd.model import TABLES, ValidationError
+from masqd.nft import NftError
+from masqd.store import JOURNAL_MAX, Store
+
+_REQUEST_FIELDS = ("op", "table", "entry", "entries", "revision", "mark")
+_WRITE_OPS = ("add", "insert", "edit", "delete", "flush", "set", "schedule")
+_BACKEND_TABLES = ("portfw", "mfw")
+_WHOLE_TABLE_FRAGMENTS = ("marks", "masquerade")
+AUTOFW_CONTROL_STATUS = "inactive: control-port detection not yet implemented"
+
+
+class KernelRejected(Exception):
+    pass
+
+
+class Service:
+    def __init__(self, state_dir, nft=None):
+        self.store = Store(state_dir)
+        self.nft = nft
+        self.socket_path = None  # set by the daemon, reported by `status`
+        self._lock = threading.RLock()
+        self._tables = {t: {} for t in TABLES}
+        self._mfw_heads = {}
+        self._revision = 0
+        self._ruleset = None
+
+    # --- lifecycle --------------------------------------------------------------------
+
+    def start(self):
+        """Load the stored state and make the kernel hold exactly its table (full
+        re-sync: whatever a killed predecessor left behind is replaced)."""
+        with self._lock:
+            if self.nft is None:
+                from masqd.nft import LibNftables
+                self.nft = LibNftables()
+            self.store.ensure_dir()
+            doc = self.store.load()
+            tables = {}
+            for table in TABLES:
+                raw = doc["tables"].get(table, [])
+                tables[table] = model.normalize_table(table, raw, "state.tables.%s" % table)
+            self._tables = tables
+            self._mfw_heads = {int(k): v for k, v in doc.get("mfw_heads", {}).items()}
+            self._revision = doc["revision"]
+            ruleset = render.render(self._tables, self._mfw_heads)
+            self.nft.apply(render.full_sync(ruleset))
+            self._ruleset = ruleset
+
+    # --- request dispatch ---------------------------------------------------------------
+
+    def handle(self, request):
+        try:
+            with self._lock:
+                if self._ruleset is None:
+                    raise ValidationError("op", request.get("op") if isinstance(request, dict) else None,
+                                          "the agent is not started")
+                return self._handle(request)
+        except ValidationError as exc:
+            return {"ok": False, "error": exc.to_dict()}
+        except KernelRejected as exc:
+            return {"ok": False, "error": exc.args[0]}
+        except Exception as exc:  # never let one request take the agent down
+            return {"ok": False, "error": {"field": None, "value": None,
+                                           "message": "internal error: %s: %s" % (type(exc).__name__, exc)}}
+
+    def _handle(self, request):
+        if not isinstance(request, dict):
+            raise ValidationError("request", request, "must be a JSON object")
+        for key in request:
+            if key not in _REQUEST_FIELDS:
+                raise ValidationError(str(key), request[key], "unknown field")
+        op = request.get("op")
+        method = getattr(self, "_op_" + op, None) if isinstance(op, str) else None
+        if method is None:
+            raise ValidationError("op", op, "unknown op")
+        if op in _WRITE_OPS and "revision" in request:
+            rev = request["revision"]
+            if isinstance(rev, bool) or not isinstance(rev, int):
+                raise ValidationError("revision", rev, "must be an integer")
+            if rev != self._revision:
+                raise ValidationError("revision", rev, "stale: the current revision is %d" % self._revision)
+        changed, result = method(request)
+        return {"ok": True, "revision": self._revision, "changed": changed, "result": result}
+
+    # --- reads --------------------------------------------------------------------------
+
+    def _op_status(self, request):
+        return False, {"version": __version__, "revision": self._revision,
+                       "tables": {t: len(self._tables[t]) for t in TABLES},
+                       "socket": self.socket_path, "state_file": self.store.path}
+
+    def _op_get(self, request):
+        if request.get("table") is None:
+            return False, {"tables": {t: list(self._tables[t].values()) for t in TABLES}}
+        table = model.table_name(request["table"])
+        return False, {"entries": list(self._tables[table].values())}
+
+    def _op_list(self, request):
+        tables = TABLES if request.get("table") is None else (model.table_name(request["table"]),)
+        counters = self.nft.read_counters() if any(t in _BACKEND_TABLES for t in tables) else ({}, {})
+        out = {t: [self._runtime(t, key, e, counters) for key, e in self._tables[t].items()] for t in tables}
+        if request.get("table") is None:
+            return False, {"tables": out}
+        return False, {"entries": out[tables[0]]}
+
+    def _runtime(self, table, key, entry, counters):
+        entry = dict(entry)
+        if table == "autofw":
+            entry["recipient"] = entry["hidden_host"]
+            entry["status"] = "active" if entry["hidden_host"] else AUTOFW_CONTROL_STATUS
+        elif table in _BACKEND_TABLES:
+            entry["backends"] = backend_runtime(table, entry, self._mfw_heads.get(key), *counters)
+        return entry
+
+    # --- writes -------------------------------------------------------------------------
+
+    def _entry(self, request, table):
+        if "entry" not in request:
+            raise ValidationError("entry", None, "is required")
+        entry = model.normalize_entry(table, request["entry"], "entry")
+        if table in _BACKEND_TABLES and not entry["backends"]:
+            raise ValidationError("entry.backends", [], "must be a non-empty list of backends")
+        return entry
+
+    def _table(self, request, allowed=TABLES):
+        table = model.table_name(request.get("table"))
+        if table not in allowed:
+            raise ValidationError("table", table, "op %s works on table %s only"
+                                  % (request["op"], " or ".join(allowed)))
+        return table
+
+    def _op_add(self, request):
+        return self._add(request, at_head=False)
+
+    def _op_insert(self, request):
+        return self._add(request, at_head=True)
+
+    def _add(self, request, at_head):
+        table = self._table(request, ("mfw",) if at_head else TABLES)
+        entry = self._entry(request, table)
+        key = model.entry_key(table, entry)
+        current = self._tables[table].get(key)
+        if table in _BACKEND_TABLES:
+            if current is not None:
+                entry = dict(current, backends=_merge_backends(current, entry, at_head))
+        elif current is not None:
+            if current == entry:
+                return False, {"entry": current}
+            raise ValidationError("entry.%s" % model.key_fields(table)[0], request["entry"].get(
+                model.key_fields(table)[0]), "an entry with this key already exists")
+        if current is None:
+            self._check_size(table, 1)
+            if table == "autofw":
+                try:
+                    model.check_table(table, list(self._tables[table].values()) + [entry], "entries")
+                except ValidationError as exc:
+                    raise ValidationError("entry", request["entry"], exc.message) from None
+        return self._put(table, {key: entry}, ()), {"entry": entry}
+
+    def _op_edit(self, request):
+        table = self._table(request, _BACKEND_TABLES)
+        entry = self._entry(request, table)
+        key = model.entry_key(table, entry)
+        current = self._need(table, key, request["entry"])
+        prefs = {(b["address"], b["port"]): b["pref"] for b in entry["backends"]}
+        known = {(b["address"], b["port"]) for b in current["backends"]}
+        for i, b in enumerate(entry["backends"]):
+            if (b["address"], b["port"]) not in known:
+                raise ValidationError("entry.backends[%d]" % i, request["entry"]["backends"][i],
+                                      "no such backend for this key")
+        backends = [dict(b, pref=prefs.get((b["address"], b["port"]), b["pref"])) for b in current["backends"]]
+        new = dict(current, backends=backends)
+        return self._put(table, {key: new}, ()), {"entry": new}
+
+    def _op_delete(self, request):
+        table = self._table(request)
+        raw = request.get("entry")
+        key, backends = self._parse_key(table, raw)
+        current = self._need(table, key, raw)
+        if not backends:
+            return self._put(table, {}, (key,)), {"entry": current}
+        keep = list(current["backends"])
+        for i, b in enumerate(backends):
+            match = [k for k in keep if k["address"] == b["address"] and k["port"] == b["port"]]
+            if not match:
+                raise ValidationError("entry.backends[%d]" % i, raw["backends"][i], "no such backend for this key")
+            keep.remove(match[0])
+        if not keep:
+            return self._put(table, {}, (key,)), {"entry": current}
+        new = dict(current, backends=keep)
+        return self._put(table, {key: new}, ()), {"entry": new}
+
+    def _op_flush(self, request):
+        table = self._table(request)
+        return self._replace(table, {}), {"entries": []}
+
+    def _op_set(self, request):
+        table = self._table(request)
+        new = model.normalize_table(table, request.get("entries"), "entries")
+        return self._replace(table, new), {"entries": list(new.values())}
+
+    def _op_plan(self, request):
+        table = self._table(request)
+        new = model.normalize_table(table, request.get("entries"), "entries")
+        fids, heads = self._fids_for_replace(table, new)
+        new_rs = self._render_changes(table, new, fids, heads)
+        txn = render.diff(self._ruleset, new_rs, set(new_rs_ids(table, fids)))
+        if txn:
+            try:
+                self.nft.apply(txn, dry_run=True)
+            except NftError as exc:
+                raise KernelRejected(_kernel_error("entries", exc)) from None
+        before = list(self._tables[table].values())
+        after = list(new.values())
+        return False, {"changed": before != after, "before": before, "after": after, "nft": txn.to_text()}
+
+    def _op_schedule(self, request):
+        if "mark" not in request:
+            raise ValidationError("mark", None, "is required")
+        mark = model.mark(request["mark"], "mark")
+        entry = self._need("mfw", mark, request["mark"], field="mark")
+        order = render.mfw_order(entry, self._mfw_heads.get(mark))
+        rules, _elements = self.nft.read_counters()
+        head = current_head(order, rules.get(render.mfw_chain_name(mark)))
+        new_head = order[(order.index(head) + 1) % len(order)]
+        heads = dict(self._mfw_heads)
+        heads[mark] = {"address": new_head["address"], "port": new_head["port"]}
+        if current_head(render.mfw_order(entry, heads[mark]), None) is head:
+            # One backend, or a mixed list that settles on the same pref-0 backend.
+            return False, {"head": {"address": head["address"], "port": head["port"]}}
+        changed = self._commit("mfw", dict(self._tables["mfw"]), [mark], heads, {"put": [], "delete": []})
+        return changed, {"head": heads[mark]}
+
+    # --- write helpers --------------------------------------------------------------------
+
+    def _parse_key(self, table, raw, field="entry"):
+        """The key (and, for portfw/mfw, the backends to remove) of a delete."""
+        if not isinstance(raw, dict):
+            raise ValidationError(field, raw, "must be an object")
+        key_only = set(raw) <= set(model.key_fields(table)) | {"backends"}
+        if table in _BACKEND_TABLES or not key_only:
+            entry = model.normalize_entry(table, raw, field)
+            return model.entry_key(table, entry), entry.get("backends") if "backends" in raw else None
+        for k in model.key_fields(table):
+            if k not in raw:
+                raise ValidationError("%s.%s" % (field, k), None, "is required")
+        if "backends" in raw:
+            raise ValidationError(field + ".backends", raw["backends"], "unknown field")
+        if table == "autofw":
+            model.protocol(raw["protocol"], field + ".protocol")
+            model.port(raw["low_port"], field + ".low_port")
+            model.port(raw["high_port"], field + ".high_port")
+            return (raw["protocol"], raw["low_port"], raw["high_port"]), None
+        return model.name(raw["name"], field + ".name"), None
+
+    def _need(self, table, key, raw, field="entry"):
+        current = self._tables[table].get(key)
+        if current is None:
+            raise ValidationError(field, raw, "no such %s entry" % table)
+        return current
+
+    def _check_size(self, table, extra):
+        if len(self._tables[table]) + extra > model.MAX_ENTRIES[table]:
+            raise ValidationError("entry", None, "table %s holds at most %d entries"
+                                  % (table, model.MAX_ENTRIES[table]))
+
+    def _put(self, table, puts, deletes):
+        """Commit a change of a few keys: `puts` {key: entry}, `deletes` keys."""
+        old = self._tables[table]
+        if all(old.get(k) == e for k, e in puts.items()) and not deletes:
+            return False
+        new = dict(old)
+        new.update(puts)
+        heads = self._mfw_heads
+        for key in deletes:
+            new.pop(key, None)
+            if table == "mfw" and key in heads:
+                heads = {k: v for k, v in heads.items() if k != key}
+        keys = list(puts) + list(deletes)
+        record = {"put": list(puts.values()), "delete": [list(k) if isinstance(k, tuple) else k for k in deletes]}
+        return self._commit(table, new, keys, heads, record)
+
+    def _fids_for_replace(self, table, new):
+        old = self._tables[table]
+        keys = [k for k in old if k not in new] + [k for k, e in new.items() if old.get(k) != e]
+        heads = self._mfw_heads
+        if table == "mfw":
+            heads = {k: v for k, v in heads.items() if k in new}
+        return keys, heads
+
+    def _replace(self, table, new):
+        if list(self._tables[table].items()) == list(new.items()):
+            return False
+        keys, heads = self._fids_for_replace(table, new)
+        return self._commit(table, new, keys, heads, None)
+
+    def _render_changes(self, table, new_table, keys, heads):
+        tables = dict(self._tables)
+        tables[table] = new_table
+        changes = {}
+        if table in _WHOLE_TABLE_FRAGMENTS:
+            keys = [None]
+        for key in keys:
+            fid, frag = render.fragment_for(table, key, tables, heads)
+            changes[fid] = frag
+        return self._ruleset.replace(changes)
+
+    def _commit(self, table, new_table, keys, heads, record):
+        """Apply and persist. `record` is the journal record, or None for a snapshot."""
+        new_rs = self._render_changes(table, new_table, keys, heads)
+        fids = set(new_rs_ids(table, keys))
+        txn = render.diff(self._ruleset, new_rs, fids)
+        field = "entries" if record is None else "entry"
+        self._apply(txn, new_rs, field)
+        revision = self._revision + 1
+        tables = dict(self._tables)
+        tables[table] = new_table
+        try:
+            if record is not None and self.store.journal_records < JOURNAL_MAX:
+                record = dict(record, revision=revision, table=table)
+                if heads is not self._mfw_heads:
+                    record["mfw_heads"] = {str(k): v for k, v in heads.items()}
+                self.store.append(record)
+            else:
+                self.store.save({"revision": revision,
+                                 "tables": {t: list(tables[t].values()) for t in TABLES},
+                                 "mfw_heads": {str(k): v for k, v in heads.items()}})
+        except OSError as exc:
+            self._rollback(new_rs, fids)
+            raise KernelRejected({"field": "state_dir", "value": self.store.state_dir,
+                                  "message": "could not persist the state, change rolled back: %s" % exc})
+        self._tables, self._mfw_heads, self._revision, self._ruleset = tables, heads, revision, new_rs
+        return True
+
+    def _apply(self, txn, new_rs, field):
+        """Incremental apply; on failure a full re-sync, if the kernel accepts it."""
+        if not txn:
+            return
+        try:
+            self.nft.apply(txn)
+            return
+        except NftError as exc:
+            first = exc
+        full = render.full_sync(new_rs)
+        try:  # The kernel drifted (or the change is bad): does the whole table load?
+            self.nft.apply(full, dry_run=True)
+        except NftError:
+            raise KernelRejected(_kernel_error(field, first)) from None
+        self.nft.apply(full)
+
+    def _rollback(self, new_rs, fids):
+        try:
+            self.nft.apply(render.diff(new_rs, self._ruleset, fids))
+        except NftError:
+            self.nft.apply(render.full_sync(self._ruleset))
+
+
+def new_rs_ids(table, keys):
+    if table in _WHOLE_TABLE_FRAGMENTS:
+        return [table]
+    return [(table, k) for k in keys]
+
+
+def _kernel_error(field, exc):
+    return {"field": field, "value": None, "message": "the kernel refused the change: %s" % exc}
+
+
+def _merge_backends(current, entry, at_head):
+    have = {(b["address"], b["port"]) for b in current["backends"]}
+    families = {":" in b["address"] for b in current["backends"]}
+    for i, b in enumerate(entry["backends"]):
+        if (b["address"], b["port"]) in have:
+            raise ValidationError("entry.backends[%d]" % i, b, "already a backend of this key")
+        if families and (":" in b["address"]) not in families:
+            raise ValidationError("entry.backends[%d].address" % i, b["address"], "mixes IPv4 and IPv6 in one entry")
+    merged = entry["backends"] + current["backends"] if at_head else current["backends"] + entry["backends"]
+    if len(merged) > model.MAX_BACKENDS:
+        raise ValidationError("entry.backends", len(merged), "at most %d backends per entry" % model.MAX_BACKENDS)
+    return merged
+
+
+# --- runtime view: pcnt and connections from kernel counters ------------------------------
+
+def _cycle(order, counts):
+    """(head backend, its pcnt) of a cascade, from per-rule connection counts."""
+    total = sum(counts)
+    r = total % sum(b["pref"] for b in order)
+    offset = 0
+    for b in order:
+        if r < offset + b["pref"]:
+            return b, offset + b["pref"] - r
+        offset += b["pref"]
+    return order[0], order[0]["pref"]  # not reached
+
+
+def current_head(order, chain_counts):
+    how, target = render.schedule(order)
+    if how == "single":
+        return target
+    counts = chain_counts if chain_counts and len(chain_counts) == len(order) else [0] * len(order)
+    return _cycle(order, counts)[0]
+
+
+def backend_runtime(table, entry, head, rule_counters, element_counters):
+    """Backends (configured order) with pcnt, connections and head, like the seed's
+    /proc/net/ip_masq/portfw listing."""
+    if table == "portfw":
+        order = entry["backends"]
+        fam = "v6" if ":" in entry["local_address"] else "v4"
+        elem_key = "%s . %s . %d" % (entry["local_address"], entry["protocol"], entry["local_port"])
+        chain = render.portfw_chain_name((entry["protocol"], entry["local_address"], entry["local_port"]))
+    else:
+        order = render.mfw_order(entry, head)
+        chain = render.mfw_chain_name(entry["mark"])
+    how, target = render.schedule(order)
+    conns, pcnt = {}, {}
+    if how == "single":
+        if table == "portfw":
+            total = element_counters.get("portfw_direct_" + fam, {}).get(elem_key, 0)
+        else:
+            total = sum(rule_counters.get(chain, [0]))
+        conns[id(target)] = total
+        pcnt[id(target)] = target["pref"] - total % target["pref"] if target["pref"] else 0
+        head_b = target
+    else:
+        counts = rule_counters.get(chain)
+        if not counts or len(counts) != len(target):
+            counts = [0] * len(target)
+        for b, c in zip(target, counts):
+            conns[id(b)] = c
+        head_b, head_pcnt = _cycle(target, counts)
+        pcnt[id(head_b)] = head_pcnt
+    out = []
+    for b in entry["backends"]:
+        src = next(o for o in order if o["address"] == b["address"] and o["port"] == b["port"])
+        out.append(dict(b, pcnt=pcnt.get(id(src), b["pref"]), connections=conns.get(id(src), 0),
+                        head=src is head_b))
+    return out

@@ -1,0 +1,203 @@
+"""masqd's kernel side against the real kernel, in a throwaway namespace: full apply
+gives exactly one table, kernel rejections change nothing, 10,000 keys load,
+restart reconciles, and other tables are never touched.
+
+Each test runs a small Python program inside the lab's namespace (the Service with
+the real libnftables backend) and checks what `nft` lists there."""
+
+import json
+import sys
+import textwrap
+
+import pytest
+
+pytestmark = pytest.mark.lab
+
+ONE_HOST = {"name": "kernel-apply", "hosts": {"gw": {}}, "links": []}
+
+PRELUDE = textwrap.dedent("""
+    import json, sys, time
+    from masqd.service import Service
+    from masqd import render
+    def ok(svc, **req):
+        resp = svc.handle(req)
+        assert resp["ok"], resp
+        return resp
+    WEB = {"protocol": "tcp", "local_address": "198.51.100.1", "local_port": 80,
+           "backends": [{"address": "10.16.0.27", "port": 80, "pref": 15},
+                        {"address": "10.16.0.28", "port": 80, "pref": 5}]}
+    SCENARIO = [
+        ("portfw", [WEB, {"protocol": "udp", "local_address": "2001:db8::1", "local_port": 53,
+                          "backends": [{"address": "fd00::53", "port": 53}]}]),
+        ("mfw", [{"mark": 3, "backends": [{"address": "10.16.15.46"}]},
+                 {"mark": 7, "backends": [{"address": "10.16.0.27", "pref": 0},
+                                          {"address": "10.16.0.28", "port": 8080, "pref": 0}]}]),
+        ("marks", [{"name": "friend", "mark": 1, "source": "203.0.113.0/24", "input_interface": "eth0"},
+                   {"name": "neutral", "mark": 3, "source": "203.0.113.0/24", "source_invert": True,
+                    "protocol": "tcp", "destination_ports": [80, "8000-8080"]}]),
+        ("autofw", [{"protocol": "udp", "low_port": 6970, "high_port": 7170, "hidden_host": "10.16.0.27"},
+                    {"protocol": "udp", "low_port": 9000, "high_port": 9100,
+                     "control_protocol": "tcp", "control_port": 7070}]),
+        ("masquerade", [{"name": "web", "source": "10.16.0.0/24", "output_interface": "wan0"}]),
+    ]
+    def load_scenario(svc):
+        for table, entries in SCENARIO:
+            ok(svc, op="set", table=table, entries=entries)
+""")
+
+
+def run_in(lab, code, timeout=60):
+    result = lab.run("gw", [sys.executable, "-c", PRELUDE + textwrap.dedent(code)], timeout=timeout)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def nft(lab, *args):
+    return lab.run("gw", ["nft"] + list(args), timeout=30, check=True).stdout
+
+
+@pytest.fixture
+def gw(lab_factory):
+    lab = lab_factory(ONE_HOST)
+    nft(lab, "add table inet other; add chain inet other c { type filter hook input priority 0; }; "
+             "add rule inet other c tcp dport 22 counter accept")
+    return lab
+
+
+def test_full_apply_exactly_one_table_and_others_untouched(gw, tmp_path):
+    other = nft(gw, "list", "table", "inet", "other")
+    out = run_in(gw, """
+        svc = Service(%r); svc.start(); load_scenario(svc)
+        print(json.dumps({"kernel": svc.nft.list_text()}))
+    """ % str(tmp_path))
+    tables = nft(gw, "list", "tables").split("\n")
+    assert sorted(t for t in tables if t) == ["table inet masqd", "table inet other"]
+    assert nft(gw, "list", "table", "inet", "other") == other
+    listing = nft(gw, "list", "table", "inet", "masqd")
+    assert listing == out["kernel"]
+    assert "numgen inc mod 20 < 15 counter packets 0 bytes 0 dnat ip to 10.16.0.27:80" in listing
+    assert "2001:db8::1 . udp . 53 counter packets 0 bytes 0 : fd00::53 . 53" in listing
+    assert 'iifname "eth0" ip saddr 203.0.113.0/24 meta mark set 0x00000001' in listing
+    # a second agent start replaces the table, still one table, other still untouched
+    run_in(gw, "Service(%r).start(); print(json.dumps({}))" % str(tmp_path))
+    assert nft(gw, "list", "table", "inet", "masqd") == listing
+    assert nft(gw, "list", "table", "inet", "other") == other
+
+
+def test_kernel_rejection_leaves_listing_identical(gw, tmp_path):
+    out = run_in(gw, """
+        from masqd.nft import LibNftables
+        class Poisoned(LibNftables):
+            # Appends a jump to a base chain, which the kernel refuses (EOPNOTSUPP).
+            poison = False
+            def apply(self, txn, dry_run=False):
+                if self.poison:
+                    txn = render.Transaction(txn.ops + [
+                        render.Op("add", "chain", "loop", render.Chain("loop", None, ())),
+                        render.Op("add", "rule", "loop", "jump prerouting")])
+                return super().apply(txn, dry_run)
+        svc = Service(%r, nft=Poisoned()); svc.start(); load_scenario(svc)
+        before = svc.nft.list_text()
+        svc.nft.poison = True
+        bad = svc.handle({"op": "add", "table": "portfw", "entry": dict(WEB, local_port=81)})
+        bad_set = svc.handle({"op": "set", "table": "marks", "entries": []})
+        after = svc.nft.list_text()
+        print(json.dumps({"bad": bad, "bad_set": bad_set, "same": before == after,
+                          "revision": svc.handle({"op": "status"})["revision"]}))
+    """ % str(tmp_path))
+    assert out["bad"]["ok"] is False and out["bad_set"]["ok"] is False
+    assert "the kernel refused the change" in out["bad"]["error"]["message"]
+    assert "Error:" in out["bad"]["error"]["message"]
+    assert out["same"] is True
+    assert out["revision"] == len([1 for _ in range(5)])  # the five `set`s of load_scenario only
+
+
+def test_ten_thousand_keys_and_incremental_change(gw, tmp_path):
+    out = run_in(gw, """
+        def ip(i): return "10.%%d.%%d.%%d" %% (i >> 16 & 255, i >> 8 & 255, i & 255)
+        entries = [{"protocol": "tcp", "local_address": ip(i), "local_port": 80,
+                    "backends": [{"address": "10.200.0.1", "port": 80, "pref": 2},
+                                 {"address": "10.200.0.2", "port": 80, "pref": 1}][: 1 + i %% 2]}
+                   for i in range(10000)]
+        svc = Service(%r); svc.start()
+        t = time.perf_counter(); ok(svc, op="set", table="portfw", entries=entries)
+        full = time.perf_counter() - t
+        t = time.perf_counter(); ok(svc, op="add", table="portfw", entry=dict(WEB, local_port=81))
+        add = time.perf_counter() - t
+        t = time.perf_counter(); ok(svc, op="delete", table="portfw", entry={"protocol": "tcp",
+            "local_address": ip(7), "local_port": 80})
+        delete = time.perf_counter() - t
+        print(json.dumps({"full": full, "add": add, "delete": delete}))
+    """ % str(tmp_path), timeout=120)
+    listing = nft(gw, "-j", "list", "table", "inet", "masqd")
+    objs = json.loads(listing)["nftables"]
+    elems = {o["map"]["name"]: len(o["map"].get("elem", [])) for o in objs if "map" in o}
+    assert elems["portfw_direct_v4"] == 5000 - 0  # even i: one backend (key 7 was odd)
+    assert elems["portfw_v4"] == 5000 - 1 + 1  # odd i: chains; minus key 7, plus WEB:81
+    chains = [o["chain"]["name"] for o in objs if "chain" in o]
+    assert len([c for c in chains if c.startswith("pf_")]) == 5000
+    print("\n10,000 keys: set %.2f s, add one %.1f ms, delete one %.1f ms"
+          % (out["full"], out["add"] * 1000, out["delete"] * 1000))
+
+
+def test_restart_after_kill_reconciles(gw, tmp_path):
+    out = run_in(gw, """
+        svc = Service(%r); svc.start(); load_scenario(svc)
+        ok(svc, op="schedule", mark=7)
+        print(json.dumps({"listing": svc.nft.list_text()}))
+    """ % str(tmp_path))
+    # What a crash leaves behind and someone's meddling: junk in the table, a lost element.
+    nft(gw, "add chain inet masqd junk; add rule inet masqd junk counter; "
+            "delete element inet masqd mfw_marks { 3 }")
+    assert nft(gw, "list", "table", "inet", "masqd") != out["listing"]
+    again = run_in(gw, """
+        svc = Service(%r); svc.start()
+        print(json.dumps({"revision": svc.handle({"op": "status"})["revision"],
+                          "mfw": svc.handle({"op": "list", "table": "mfw"})["result"]["entries"]}))
+    """ % str(tmp_path))
+    assert nft(gw, "list", "table", "inet", "masqd") == out["listing"]
+    assert again["revision"] == 6
+    heads = [b["address"] for b in again["mfw"][1]["backends"] if b["head"]]
+    assert heads == ["10.16.0.28"]
+    assert "dnat ip to 10.16.0.28:8080" in out["listing"]
+
+
+def test_plan_uses_kernel_dry_run(gw, tmp_path):
+    out = run_in(gw, """
+        svc = Service(%r); svc.start(); load_scenario(svc)
+        before = svc.nft.list_text()
+        plan = ok(svc, op="plan", table="portfw", entries=[dict(WEB, local_port=8080)])
+        print(json.dumps({"plan": plan, "same": before == svc.nft.list_text()}))
+    """ % str(tmp_path))
+    assert out["same"] is True
+    assert out["plan"]["result"]["changed"] is True
+    assert "goto pf_" in out["plan"]["result"]["nft"]
+
+
+def test_direct_map_counts_connections_for_pcnt(seed_lab, tmp_path):
+    """A single-backend key lives in portfw_direct_v4 (no chain): real connections
+    reach the backend and its per-element counter gives list its pcnt."""
+    from ipmasq_lab import probes
+    code = """
+        svc = Service(%r); svc.start()
+        ok(svc, op="add", table="portfw", entry={"protocol": "tcp", "local_address": "198.51.100.1",
+           "local_port": 8080, "backends": [{"address": "10.16.0.27", "port": 80, "pref": 4}]})
+        print(json.dumps({}))
+    """ % str(tmp_path)
+    result = seed_lab.run("gateway", [sys.executable, "-c", PRELUDE + textwrap.dedent(code)], timeout=30)
+    assert result.returncode == 0, result.stderr
+    with probes.serve_identity(seed_lab, "web1", 80):
+        answers = probes.connect_many(seed_lab, "client", "198.51.100.1", 8080, count=3)
+    assert [a.backend for a in answers] == ["web1"] * 3
+    code = """
+        from masqd.nft import LibNftables
+        from masqd.service import backend_runtime
+        rules, elements = LibNftables().read_counters()
+        entry = {"protocol": "tcp", "local_address": "198.51.100.1", "local_port": 8080,
+                 "backends": [{"address": "10.16.0.27", "port": 80, "pref": 4}]}
+        print(json.dumps(backend_runtime("portfw", entry, None, rules, elements)))
+    """
+    result = seed_lab.run("gateway", [sys.executable, "-c", PRELUDE + textwrap.dedent(code)], timeout=30)
+    assert result.returncode == 0, result.stderr
+    (backend,) = json.loads(result.stdout.strip().splitlines()[-1])
+    assert (backend["connections"], backend["pcnt"], backend["head"]) == (3, 1, True)

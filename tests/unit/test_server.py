@@ -1,0 +1,250 @@
+"""masqd's socket server and Python client, over real Unix sockets, with a stand-in Service."""
+
+import json
+import os
+import socket
+import stat
+import threading
+
+import pytest
+
+from masqd import server as server_mod
+from masqd.client import AgentUnavailable, Client, MasqdError
+from masqd.server import MAX_REQUEST, Server, ServerError, json_depth, parse_request
+
+
+class EchoService:
+    """Answers like the real Service: an envelope per request, never raising (except 'boom')."""
+
+    def __init__(self):
+        self.seen = []
+
+    def handle(self, request):
+        self.seen.append(request)
+        if request.get("op") == "boom":
+            raise RuntimeError("bug")
+        if request.get("op") == "fail":
+            return {"ok": False, "error": {"field": "entries[0].port", "value": 70000,
+                                           "message": "port must be 1-65535"}}
+        if request.get("op") == "status":
+            return {"ok": True, "revision": 3, "changed": False,
+                    "result": {"version": "0.1.0", "revision": 3, "tables": {}, "socket": None}}
+        return {"ok": True, "revision": 3, "changed": False, "result": {"echo": request}}
+
+
+@pytest.fixture
+def running(tmp_path):
+    """A served EchoService; yields (server, service, socket path)."""
+    path = str(tmp_path / "run" / "masqd.sock")
+    service = EchoService()
+    srv = Server(service, path)
+    srv.listen()
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    yield srv, service, path
+    srv.shutdown()
+    thread.join(timeout=5)
+    assert not thread.is_alive()
+
+
+def raw_exchange(path, payload, read=True):
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(10)
+        sock.connect(path)
+        sock.sendall(payload)
+        if not read:
+            return None
+        reader = sock.makefile("rb")
+        return [json.loads(reader.readline()) for _ in range(payload.count(b"\n") or 1)]
+
+
+def test_requests_and_responses_share_one_connection(running):
+    _, service, path = running
+    with Client(path) as client:
+        first = client.request("get", table="portfw")
+        second = client.request("flush", table="mfw")
+    assert first["result"]["echo"] == {"op": "get", "table": "portfw"}
+    assert second["result"]["echo"] == {"op": "flush", "table": "mfw"}
+    assert service.seen == [{"op": "get", "table": "portfw"}, {"op": "flush", "table": "mfw"}]
+
+
+def test_refusal_raises_masqd_error_with_field_and_value(running):
+    _, _, path = running
+    with Client(path) as client, pytest.raises(MasqdError) as caught:
+        client.request("fail")
+    assert (caught.value.field, caught.value.value) == ("entries[0].port", 70000)
+    assert "port must be 1-65535" in str(caught.value)
+
+
+def test_malformed_json_gets_an_error_and_the_connection_lives_on(running):
+    _, service, path = running
+    answers = raw_exchange(path, b'{"op": "get",\n[1, 2]\n\xff\xfe\n{"op": "status"}\n')
+    assert [a["ok"] for a in answers] == [False, False, False, True]
+    assert "malformed JSON" in answers[0]["error"]["message"]
+    assert "JSON object" in answers[1]["error"]["message"]
+    assert "UTF-8" in answers[2]["error"]["message"]
+    assert service.seen == [{"op": "status"}]
+
+
+def test_status_reports_the_socket_it_was_asked_on(running):
+    _, _, path = running
+    with Client(path) as client:
+        assert client.request("status")["result"]["socket"] == path
+
+
+def test_request_over_one_mebibyte_is_refused_and_the_next_one_served(running):
+    _, service, path = running
+    big = b'{"op": "add", "pad": "' + b"x" * MAX_REQUEST + b'"}\n'
+    answers = raw_exchange(path, big + b'{"op": "status"}\n')
+    assert answers[0]["ok"] is False and "larger than" in answers[0]["error"]["message"]
+    assert answers[1]["ok"] is True
+    assert service.seen == [{"op": "status"}]
+
+
+def test_deep_nesting_is_refused_before_parsing(running):
+    _, service, path = running
+    deep = b'{"op": "set", "entries": ' + b"[" * 5000 + b"]" * 5000 + b"}\n"
+    answers = raw_exchange(path, deep)
+    assert answers[0]["ok"] is False and "nested deeper" in answers[0]["error"]["message"]
+    assert service.seen == []
+
+
+def test_json_depth_ignores_brackets_inside_strings():
+    assert json_depth('{"a": "' + "[" * 100 + '"}') <= 1
+    assert json_depth("[" * 40 + "]" * 40) == 40
+    assert parse_request(b'{"op": "get"}') == ({"op": "get"}, None)
+
+
+def test_a_service_bug_is_an_error_envelope_not_a_dead_agent(running):
+    _, _, path = running
+    answers = raw_exchange(path, b'{"op": "boom"}\n{"op": "status"}\n')
+    assert answers[0]["ok"] is False and "internal error" in answers[0]["error"]["message"]
+    assert answers[1]["ok"] is True
+
+
+def test_socket_and_directory_modes(running):
+    _, _, path = running
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(os.path.dirname(path)).st_mode) == 0o700
+
+
+def test_group_socket_is_0660_in_a_0750_directory(tmp_path):
+    path = str(tmp_path / "grp" / "masqd.sock")
+    srv = Server(EchoService(), path, group="0")
+    srv.listen()
+    try:
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o660
+        assert stat.S_IMODE(os.stat(os.path.dirname(path)).st_mode) == 0o750
+        assert os.stat(path).st_gid == 0
+    finally:
+        srv.close()
+    assert not os.path.exists(path)
+
+
+def test_unknown_group_is_refused():
+    with pytest.raises(ServerError, match="no such group"):
+        Server(EchoService(), "/nonexistent/masqd.sock", group="no-such-group-masqd")
+
+
+def test_shared_directory_mode_is_left_alone(tmp_path):
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o755)
+    (shared / "other-file").write_text("not ours")
+    srv = Server(EchoService(), str(shared / "masqd.sock"))
+    srv.listen()
+    srv.close()
+    assert stat.S_IMODE(os.stat(shared).st_mode) == 0o755
+
+
+def test_stale_socket_is_replaced(tmp_path):
+    path = str(tmp_path / "masqd.sock")
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(path)
+    stale.close()  # the file stays, nobody listens: what a killed agent leaves
+    srv = Server(EchoService(), path)
+    srv.listen()
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    try:
+        with Client(path, timeout=10) as client:
+            assert client.request("get")["ok"] is True
+    finally:
+        srv.shutdown()
+        thread.join(timeout=5)
+
+
+def test_live_agent_on_the_socket_is_not_replaced(running, tmp_path):
+    _, _, path = running
+    with pytest.raises(ServerError, match="already running"):
+        Server(EchoService(), path).prepare()
+    # and a foreign program listening there (no lock held) is not replaced either
+    other = str(tmp_path / "other.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(other)
+    listener.listen(1)
+    try:
+        with pytest.raises(ServerError, match="answers on"):
+            Server(EchoService(), other).prepare()
+        assert os.path.exists(other)
+    finally:
+        listener.close()
+    with Client(path) as client:  # the first agent still serves
+        assert client.request("status")["ok"]
+
+
+def test_path_that_is_not_a_socket_is_never_removed(tmp_path):
+    path = tmp_path / "masqd.sock"
+    path.write_text("precious")
+    with pytest.raises(ServerError, match="not a socket"):
+        Server(EchoService(), str(path)).prepare()
+    assert path.read_text() == "precious"
+
+
+def test_shutdown_removes_the_socket(tmp_path):
+    path = str(tmp_path / "masqd.sock")
+    srv = Server(EchoService(), path)
+    srv.listen()
+    thread = threading.Thread(target=srv.serve_forever)
+    thread.start()
+    client = Client(path)
+    client.request("status")  # an open connection must not hold up shutdown
+    srv.shutdown()
+    thread.join(timeout=10)
+    assert not thread.is_alive()
+    assert not os.path.exists(path)
+    client.close()
+
+
+def test_missing_agent_is_a_clear_agent_unavailable(tmp_path):
+    path = str(tmp_path / "nothing.sock")
+    with pytest.raises(AgentUnavailable, match="masqd is not running at %s: start it" % path):
+        Client(path).request("status")
+
+
+def test_client_socket_defaults_to_env(monkeypatch):
+    monkeypatch.setenv("MASQD_SOCKET", "/tmp/elsewhere.sock")
+    assert Client().socket_path == "/tmp/elsewhere.sock"
+    monkeypatch.delenv("MASQD_SOCKET")
+    assert Client().socket_path == "/run/masqd/masqd.sock"
+
+
+def test_authorise_root_self_and_group_members(monkeypatch):
+    srv = Server(EchoService(), "/nonexistent/masqd.sock", group="100")
+    monkeypatch.setattr(server_mod, "process_groups", lambda pid: {100} if pid == 42 else {5})
+    assert srv.authorise(1, 0, 0) is None
+    assert srv.authorise(42, 1234, 1234) is None          # supplementary member
+    assert srv.authorise(43, 1234, 100) is None           # primary group
+    refusal = srv.authorise(44, 1234, 1234)
+    assert "uid 1234 may not use masqd" in refusal and "group 100" in refusal
+    lonely = Server(EchoService(), "/nonexistent/masqd.sock")
+    assert "uid 1234" in lonely.authorise(42, 1234, 100)
+
+
+def test_refused_peer_reads_the_refusal_not_a_broken_pipe(running, monkeypatch):
+    srv, service, path = running
+    monkeypatch.setattr(srv, "authorise", lambda pid, uid, gid: "uid %d may not use masqd" % uid)
+    for _ in range(5):  # the hang-up races the client's write: never a broken pipe
+        with Client(path) as client, pytest.raises(MasqdError) as caught:
+            client.request("status")
+        assert caught.value.field == "peer" and "may not use masqd" in caught.value.message
+    assert service.seen == []

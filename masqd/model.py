@@ -100,6 +100,8 @@ def address(value, field):
         raise ValidationError(field, value, "must be an IPv4 or IPv6 address")
     if parsed[0] is None:
         raise ValidationError(field, value, "must be a unicast address")
+    if parsed[0] == "mapped":
+        raise ValidationError(field, value, "is an IPv4-mapped IPv6 address: give the IPv4 address")
     return parsed
 
 
@@ -124,6 +126,8 @@ def _parse_address(value):
         return None
     if addr.is_unspecified or addr.is_multicast:
         return None, 6
+    if addr.ipv4_mapped is not None:
+        return "mapped", 6
     return str(addr), 6
 
 

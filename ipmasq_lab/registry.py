@@ -15,6 +15,7 @@ import json
 import os
 import re
 import secrets
+import shutil
 import time
 
 from ipmasq_lab.errors import LabError
@@ -37,6 +38,11 @@ def new_prefix():
 
 def _path(prefix):
     return os.path.join(RUN_DIR, check_prefix(prefix) + ".json")
+
+
+def files_dir(prefix):
+    """The lab's own file area (agents' sockets, state, logs); removed with the lab."""
+    return os.path.join(RUN_DIR, check_prefix(prefix))
 
 
 @contextlib.contextmanager
@@ -106,6 +112,7 @@ def remove(prefix):
     with _locked():
         with contextlib.suppress(FileNotFoundError):
             os.unlink(_path(prefix))
+        shutil.rmtree(files_dir(prefix), ignore_errors=True)
         for name in os.listdir(RUN_DIR):
             if name.startswith(prefix + ".json.") and name.endswith(".tmp"):
                 with contextlib.suppress(FileNotFoundError):

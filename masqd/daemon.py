@@ -33,6 +33,9 @@ def parse_args(argv):
                         help="group whose members may also use the socket (mode 0660)")
     parser.add_argument("--pidfile", default=None,
                         help="write the agent's pid here (for supervisors without systemd)")
+    parser.add_argument("--no-autofw-watcher", action="store_true",
+                        help="do not watch conntrack events (AUTOFW control-port entries "
+                        "then never get a recipient)")
     parser.add_argument("--log-level", default="info",
                         choices=["debug", "info", "warning", "error"],
                         help="default %(default)s")
@@ -85,6 +88,11 @@ def main(argv=None):
         service = Service(args.state_dir)
         service.socket_path = server.socket_path
         service.start()
+        if not args.no_autofw_watcher:
+            from masqd.autofw_watch import AutofwWatcher
+            service.watcher = AutofwWatcher(service)
+            if not service.watcher.start():
+                log.error("autofw watcher not running: %s", service.watcher.error)
         server.service = service
         server.listen()
         if args.pidfile:

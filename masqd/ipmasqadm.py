@@ -43,6 +43,9 @@ Valid options:
                                  15 seconds of triggering the control port
 
     -t <seconds>                 timeout in seconds (masqctl; default 15)
+    --keyed-by-peer              with -c: one recipient per external peer (the
+                                 host that last opened the control connection
+                                 to that server; masqctl)
     -n                           numbers instead of names in the listing
     -v                           Verbose mode
 
@@ -122,6 +125,13 @@ The seed's `ipchains -A -p tcp -s 192.168.16.27/32 80 -j MASQ` is
 Criteria:
 """ + _CRITERIA_USAGE + """\
     -i IFACE, -o IFACE             output interface
+    --pool ADDR[,ADDR...]          SNAT to an address of this pool (local addresses
+                                   of the gateway); each host keeps its address
+    --pool-ports PORTS             inbound connections to a pool address on these
+                                   ports go to the host holding it
+    --helper NAME[,NAME...]        conntrack helpers for matching connections:
+                                   amanda, ftp, h323, irc, netbios-ns, pptp, sane,
+                                   sip, snmp, tftp
 """
 
 USAGES = {"autofw": AUTOFW_USAGE, "portfw": PORTFW_USAGE, "mfw": MFW_USAGE,
@@ -318,6 +328,8 @@ def parse_autofw(argv, lookup=None):
             entry["control_port"] = resolve.port(tokens.value("-c", "<port>"), "-c <port>")
         elif token == "-u":
             long_timeout = True
+        elif token == "--keyed-by-peer":
+            entry["keyed_by_peer"] = True
         elif token == "-t":
             entry["timeout"] = _integer(module, tokens.value("-t", "<seconds>"), "-t <seconds>")
         elif token == "-v":
@@ -355,6 +367,8 @@ def parse_autofw(argv, lookup=None):
             description += "to fixed host %s" % entry["hidden_host"]
         else:
             description += "via %s ctl port %d" % (entry["control_protocol"], entry["control_port"])
+            if entry.get("keyed_by_peer"):
+                description += " keyed by peer"
     return Command(module, request={"op": "add", "table": "autofw", "entry": entry}, verbose=description)
 
 
@@ -646,6 +660,12 @@ def parse_rules(module, argv, lookup=None):
                 entry["mark"] = int(value, 0)  # ipchains took 0x... marks too
             except ValueError:
                 raise UsageError(module, "-m MARK: %r is not a number" % value)
+        elif token == "--pool" and module == "masq":
+            entry["pool"] = [resolve.address(a, "--pool") for a in tokens.value(token, "ADDR[,ADDR...]").split(",")]
+        elif token == "--pool-ports" and module == "masq":
+            entry["pool_ports"] = _ports(resolve, module, tokens.value(token, "PORTS"), token)
+        elif token in ("--helper", "--helpers") and module == "masq":
+            entry["helpers"] = [h for h in tokens.value(token, "NAME[,NAME...]").split(",") if h]
         elif token in ("-j", "--jump") and module == "masq":
             target = tokens.value(token, "TARGET")
             if target.upper() != "MASQ":

@@ -114,6 +114,20 @@ def format_mfw(entries, names):
     return "\n".join(lines) + "\n"
 
 
+def _detected(recipient, names):
+    """A detected recipient: `10.16.0.27 (12s left)`, keyed `198.51.100.10: 10.16.0.27
+    (...)`, plus the conflict it won: `, replaced 10.16.0.28 at 2026-...Z`."""
+    text = names.host(recipient["address"])
+    if recipient.get("peer"):
+        text = "%s: %s" % (names.host(recipient["peer"]), text)
+    if recipient.get("expires") is not None:
+        text += " (%ss left)" % recipient["expires"]
+    replaced = recipient.get("replaced")
+    if replaced:
+        text += ", replaced %s at %s" % (names.host(replaced["address"]), replaced["at"])
+    return text
+
+
 def format_autofw(entries, names):
     lines = [AUTOFW_ROW % ("prot", "low", "high", "forward to", "timeout", "recipient")]
     for entry in entries:
@@ -122,6 +136,15 @@ def format_autofw(entries, names):
         else:
             target = "ctl %s/%s" % (entry.get("control_protocol"),
                                     names.service(entry.get("control_port"), entry.get("control_protocol")))
+            if entry.get("keyed_by_peer"):
+                target += " by peer"
+        detected = entry.get("recipients") if not entry.get("hidden_host") else None
+        if detected:
+            for recipient in detected:  # one line per recipient (per peer when keyed)
+                lines.append(AUTOFW_ROW % (
+                    entry["protocol"].upper(), entry["low_port"], entry["high_port"], target,
+                    entry.get("timeout", 15), _detected(recipient, names)))
+            continue
         recipient = entry.get("recipient")
         if isinstance(recipient, dict):  # {"address": ..., "expires": seconds}
             recipient = recipient.get("address")
@@ -148,6 +171,18 @@ def format_marks(entries, names):
     return "\n".join(lines) + "\n"
 
 
+def _masq_extras(entry, names):
+    """Pool and helpers, appended to a masquerade line only when the rule has them."""
+    words = []
+    if entry.get("pool"):
+        words.append("pool " + ",".join(entry["pool"]))
+        if entry.get("pool_ports"):
+            words.append("inbound " + names.ports(entry["pool_ports"], entry.get("protocol")))
+    if entry.get("helpers"):
+        words.append("helpers " + ",".join(entry["helpers"]))
+    return ("  " + " ".join(words)) if words else ""
+
+
 def format_masquerade(entries, names):
     lines = [MASQ_ROW % ("name", "prot", "source", "destination", "sports", "dports", "oface")]
     for entry in entries:
@@ -157,7 +192,7 @@ def format_masquerade(entries, names):
             names.network(entry.get("source"), entry.get("source_invert")),
             names.network(entry.get("destination"), entry.get("destination_invert")),
             names.ports(entry.get("source_ports"), protocol), names.ports(entry.get("destination_ports"), protocol),
-            entry.get("output_interface") or "any"))
+            entry.get("output_interface") or "any") + _masq_extras(entry, names))
     return "\n".join(lines) + "\n"
 
 

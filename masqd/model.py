@@ -28,6 +28,23 @@ MAX_NAME_LEN = 64
 MAX_TIMEOUT = 86400
 DEFAULT_PREF = 10
 DEFAULT_AUTOFW_TIMEOUT = 15
+MAX_POOL = 64
+
+# Kernel conntrack helpers a masquerade rule may enable, with the (kernel helper type,
+# protocol, well-known port) pairs each one needs. Checked against this kernel: every
+# type below loads as an nftables `ct helper` object (docs/architecture.md, "Helpers").
+HELPERS = {
+    "amanda": (("amanda", "udp", 10080),),
+    "ftp": (("ftp", "tcp", 21),),
+    "h323": (("RAS", "udp", 1719), ("Q.931", "tcp", 1720)),
+    "irc": (("irc", "tcp", 6667),),
+    "netbios-ns": (("netbios-ns", "udp", 137),),
+    "pptp": (("pptp", "tcp", 1723),),
+    "sane": (("sane", "tcp", 6566),),
+    "sip": (("sip", "udp", 5060), ("sip", "tcp", 5060)),
+    "snmp": (("snmp", "udp", 161),),
+    "tftp": (("tftp", "udp", 69),),
+}
 MARK_MAX = 2 ** 32 - 1
 
 FORWARD_PROTOCOLS = ("tcp", "udp")
@@ -261,7 +278,7 @@ def normalize_portfw(raw, field=""):
 
 def normalize_autofw(raw, field=""):
     _fields(raw, field, ("protocol", "low_port", "high_port"),
-            ("hidden_host", "control_protocol", "control_port", "timeout"))
+            ("hidden_host", "control_protocol", "control_port", "timeout", "keyed_by_peer"))
     proto = protocol(raw["protocol"], _path(field, "protocol"))
     low = port(raw["low_port"], _path(field, "low_port"))
     high = port(raw["high_port"], _path(field, "high_port"))
@@ -270,7 +287,8 @@ def normalize_autofw(raw, field=""):
     entry = {"protocol": proto, "low_port": low, "high_port": high,
              "hidden_host": None, "control_protocol": None, "control_port": None,
              "timeout": _int(raw.get("timeout", DEFAULT_AUTOFW_TIMEOUT), _path(field, "timeout"),
-                             1, MAX_TIMEOUT, "timeout")}
+                             1, MAX_TIMEOUT, "timeout"),
+             "keyed_by_peer": boolean(raw.get("keyed_by_peer", False), _path(field, "keyed_by_peer"))}
     hidden = raw.get("hidden_host")
     control = raw.get("control_protocol"), raw.get("control_port")
     if hidden is not None and control != (None, None):
@@ -284,6 +302,9 @@ def normalize_autofw(raw, field=""):
     else:
         raise ValidationError(_path(field, "hidden_host"), None,
                               "one of hidden_host or control_protocol/control_port is required")
+    if entry["keyed_by_peer"] and hidden is not None:
+        raise ValidationError(_path(field, "keyed_by_peer"), True,
+                              "needs control_protocol/control_port (a hidden_host has no peers)")
     return entry
 
 
@@ -331,12 +352,67 @@ def normalize_marks(raw, field=""):
     return entry
 
 
+def _pool(value, field, entry):
+    """Masquerade address pool: distinct unicast addresses of one family, matching
+    the rule's own family. Returns (canonical list or None, family or None)."""
+    if value is None:
+        return None, None
+    if not isinstance(value, list) or not value:
+        raise ValidationError(field, value, "must be a non-empty list of addresses")
+    if len(value) > MAX_POOL:
+        raise ValidationError(field, value, "at most %d addresses" % MAX_POOL)
+    out, family = [], None
+    for i, item in enumerate(value):
+        addr, fam = address(item, "%s[%d]" % (field, i))
+        if family is not None and fam != family:
+            raise ValidationError("%s[%d]" % (field, i), item, "mixes IPv4 and IPv6 in one pool")
+        if addr in out:
+            raise ValidationError("%s[%d]" % (field, i), item, "duplicate pool address")
+        family = fam
+        out.append(addr)
+    for key in ("source", "destination"):
+        if entry[key] is not None and ipaddress.ip_network(entry[key]).version != family:
+            raise ValidationError(field, value, "pool family does not match %s %s" % (key, entry[key]))
+    if entry["protocol"] == ("icmpv6" if family == 4 else "icmp"):
+        raise ValidationError(field, value, "pool family does not match protocol %s" % entry["protocol"])
+    return out, family
+
+
+def _helpers(value, field, entry):
+    if value is None:
+        return None
+    if not isinstance(value, list) or not value:
+        raise ValidationError(field, value, "must be a non-empty list of helper names")
+    out = []
+    for i, item in enumerate(value):
+        f = "%s[%d]" % (field, i)
+        if item not in HELPERS:
+            raise ValidationError(f, item, "helper must be one of %s" % ", ".join(sorted(HELPERS)))
+        if item in out:
+            raise ValidationError(f, item, "duplicate helper")
+        protocols = {proto for _type, proto, _port in HELPERS[item]}
+        if entry["protocol"] is not None and entry["protocol"] not in protocols:
+            raise ValidationError(f, item, "helper %s works on %s, the rule matches protocol %s"
+                                  % (item, "/".join(sorted(protocols)), entry["protocol"]))
+        out.append(item)
+    return sorted(out)
+
+
 def normalize_masquerade(raw, field=""):
-    _fields(raw, field, ("name",), _CRITERIA + ("output_interface",))
+    _fields(raw, field, ("name",), _CRITERIA + ("output_interface", "pool", "pool_ports", "helpers"))
     entry = {"name": name(raw["name"], _path(field, "name"))}
     _criteria(raw, field, entry)
     iface = raw.get("output_interface")
     entry["output_interface"] = None if iface is None else interface(iface, _path(field, "output_interface"))
+    entry["pool"], _family = _pool(raw.get("pool"), _path(field, "pool"), entry)
+    entry["pool_ports"] = port_list(raw.get("pool_ports"), _path(field, "pool_ports"))
+    if entry["pool_ports"] is not None:
+        if entry["pool"] is None:
+            raise ValidationError(_path(field, "pool_ports"), raw.get("pool_ports"), "needs pool")
+        if entry["protocol"] not in (None, "tcp", "udp"):
+            raise ValidationError(_path(field, "pool_ports"), raw.get("pool_ports"),
+                                  "ports need protocol tcp or udp")
+    entry["helpers"] = _helpers(raw.get("helpers"), _path(field, "helpers"), entry)
     return entry
 
 
@@ -381,6 +457,14 @@ def check_table(table, entries, field="entries"):
     if len(entries) > MAX_ENTRIES[table]:
         raise ValidationError(field, len(entries), "table %s holds at most %d entries"
                               % (table, MAX_ENTRIES[table]))
+    if table == "masquerade":
+        owner = {}
+        for i, e in enumerate(entries):
+            for addr in e.get("pool") or ():
+                if addr in owner:
+                    raise ValidationError("%s[%d].pool" % (field, i), e["pool"],
+                                          "address %s is already in the pool of rule %s" % (addr, owner[addr]))
+                owner[addr] = e["name"]
     if table == "autofw":
         spans = sorted((e["protocol"], e["low_port"], e["high_port"], i) for i, e in enumerate(entries))
         for a, b in zip(spans, spans[1:]):

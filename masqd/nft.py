@@ -4,7 +4,11 @@ Both offer the same interface, which masqd.service.Service uses:
   apply(txn, dry_run=False)  one atomic transaction; raises NftError(kernel message)
   read_counters()            (rule counters {chain: [packets, ...]},
                               element counters {map: {key text: packets}})
+  read_elements(names)       {map: {key text: {"value": text, "expires": seconds}}} of
+                             timed maps (the AUTOFW recipients the kernel expires)
 """
+
+import time
 
 import copy
 import ctypes
@@ -60,6 +64,25 @@ class LibNftables:
             raise NftError(_first_error(err))
         return out
 
+    def read_elements(self, names):
+        out = {}
+        self._nft.set_json_output(True)
+        try:
+            for name in names:
+                rc, text, _err = self._nft.cmd("list map %s %s" % (render.QUALIFIED, name))
+                if rc != 0:
+                    continue
+                for obj in json.loads(text)["nftables"]:
+                    for item in obj.get("map", {}).get("elem", []):
+                        key, value = item if isinstance(item, list) else (item, None)
+                        meta = key.get("elem", {}) if isinstance(key, dict) else {}
+                        val = meta.get("val", key)
+                        out.setdefault(name, {})[_key_text(val)] = {
+                            "value": None if value is None else str(value), "expires": meta.get("expires")}
+        finally:
+            self._nft.set_json_output(False)
+        return out
+
     def read_counters(self):
         rules, elements = {}, {}
         for obj in self.list_table() or []:
@@ -108,6 +131,8 @@ class FakeNftables:
         self.transactions = []  # (Transaction, dry_run)
         self.reject = None
         self.rule_counters, self.element_counters = {}, {}
+        self.clock = time.monotonic
+        self.expiry = {}  # (map, key) -> clock time: elements added with "KEY timeout Ns"
 
     def apply(self, txn, dry_run=False):
         if not txn:
@@ -121,6 +146,13 @@ class FakeNftables:
             state = self._apply_op(state, op)
         if not dry_run:
             self.exists, self.chains, self.maps, self.elements = state
+
+    def _expire(self, elements):
+        now = self.clock()
+        for (name, key), deadline in list(self.expiry.items()):
+            if deadline <= now:
+                elements.get(name, {}).pop(key, None)
+                del self.expiry[(name, key)]
 
     def _apply_op(self, state, op):
         exists, chains, maps, elements = state
@@ -158,9 +190,14 @@ class FakeNftables:
             chains[op.name] = chains[op.name]._replace(rules=chains[op.name].rules + (op.arg,))
         elif op.kind == "element":
             self._need(maps, op.name)
+            self._expire(elements)
             elems = elements[op.name]
             if op.verb == "add":
                 for k, v in op.arg:
+                    k, _sep, timeout = k.partition(" timeout ")
+                    if timeout:  # like the kernel: re-adding the same value refreshes it
+                        if k not in elems or elems[k] == v:
+                            self.expiry[(op.name, k)] = self.clock() + int(timeout.split()[-1].rstrip("s"))
                     if v is not None and v.startswith("goto "):
                         self._need(chains, v[5:])
                     if k in elems and elems[k] != v:
@@ -170,6 +207,7 @@ class FakeNftables:
                 for k in op.arg:
                     self._need(elems, k)
                     del elems[k]
+                    self.expiry.pop((op.name, k), None)
         return exists, chains, maps, elements
 
     @staticmethod
@@ -191,3 +229,14 @@ class FakeNftables:
 
     def read_counters(self):
         return copy.deepcopy(self.rule_counters), copy.deepcopy(self.element_counters)
+
+    def read_elements(self, names):
+        self._expire(self.elements)
+        now = self.clock()
+        out = {}
+        for name in names:
+            for key, value in self.elements.get(name, {}).items():
+                deadline = self.expiry.get((name, key))
+                out.setdefault(name, {})[key] = {
+                    "value": value, "expires": None if deadline is None else int(deadline - now)}
+        return out

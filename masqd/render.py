@@ -257,9 +257,13 @@ for _fam_, _addr in ((4, "ipv4_addr"), (6, "ipv6_addr")):
                "type %s . inet_proto . inet_service : %s . inet_service; counter;" % (_addr, _addr)),
         # AUTOFW with a fixed hidden host: protocol . port range -> host (port kept).
         MapDef("autofw_" + _s, "map", "type inet_proto . inet_service : %s; flags interval;" % _addr),
-        # Reserved for AUTOFW control-port detection: timed recipient elements.
+        # AUTOFW control-port detection (-c): the detected recipient of each range,
+        # timed elements the watcher writes and the kernel expires.
         MapDef("autofw_recipients_" + _s, "map",
                "type inet_proto . inet_service : %s; flags interval, timeout;" % _addr),
+        # The same keyed by the external peer (keyed_by_peer): peer . proto . range.
+        MapDef("autofw_peers_" + _s, "map",
+               "type %s . inet_proto . inet_service : %s; flags interval, timeout;" % (_addr, _addr)),
     ]
 BASE_MAPS += [
     MapDef("mfw_marks", "map", "type mark : verdict;"),
@@ -272,9 +276,15 @@ PREROUTING_RULES = (
     _L4 + " dnat ip to ip daddr . meta l4proto . th dport map @portfw_direct_v4",
     _L4 + " ip6 daddr . meta l4proto . th dport vmap @portfw_v6",
     _L4 + " dnat ip6 to ip6 daddr . meta l4proto . th dport map @portfw_direct_v6",
-    "meta mark != 0 meta mark vmap @mfw_marks",
+    # mfw acts on to-firewall packets only (ipmasqadm(8)): forwarded traffic that
+    # carries a mark passes untouched.
+    "fib daddr type local meta mark != 0 meta mark vmap @mfw_marks",
     "fib daddr type local " + _L4 + " dnat ip to meta l4proto . th dport map @autofw_v4",
     "fib daddr type local " + _L4 + " dnat ip6 to meta l4proto . th dport map @autofw_v6",
+    "fib daddr type local " + _L4 + " dnat ip to ip saddr . meta l4proto . th dport map @autofw_peers_v4",
+    "fib daddr type local " + _L4 + " dnat ip6 to ip6 saddr . meta l4proto . th dport map @autofw_peers_v6",
+    "fib daddr type local " + _L4 + " dnat ip to meta l4proto . th dport map @autofw_recipients_v4",
+    "fib daddr type local " + _L4 + " dnat ip6 to meta l4proto . th dport map @autofw_recipients_v6",
 )
 
 MARK_RULES = (
@@ -368,14 +378,26 @@ def mfw_fragment(entry, head=None):
                     elements={"mfw_marks": {str(entry["mark"]): "goto " + name}})
 
 
-def autofw_fragment(entry):
-    if entry["hidden_host"] is None:
-        return EMPTY  # control-port detection: not rendered yet (autofw_recipients_*)
+def autofw_range(entry):
+    """The `proto . ports` key text of an AUTOFW entry's range."""
     ports = ("%d" % entry["low_port"] if entry["low_port"] == entry["high_port"]
              else "%d-%d" % (entry["low_port"], entry["high_port"]))
+    return "%s . %s" % (entry["protocol"], ports)
+
+
+def autofw_recipient_element(entry, family, peer=None):
+    """(map name, key text) of a detected recipient: autofw_recipients_* keyed by the
+    range, or autofw_peers_* keyed by peer . range (keyed_by_peer)."""
+    if peer is not None:
+        return "autofw_peers_" + _suffix(family), "%s . %s" % (peer, autofw_range(entry))
+    return "autofw_recipients_" + _suffix(family), autofw_range(entry)
+
+
+def autofw_fragment(entry):
+    if entry["hidden_host"] is None:
+        return EMPTY  # control port: elements are runtime state, written by the watcher
     fam = _fam(entry["hidden_host"])
-    return Fragment(elements={"autofw_" + _suffix(fam): {
-        "%s . %s" % (entry["protocol"], ports): entry["hidden_host"]}})
+    return Fragment(elements={"autofw_" + _suffix(fam): {autofw_range(entry): entry["hidden_host"]}})
 
 
 def _port_set(ports):
@@ -414,9 +436,90 @@ def marks_fragment(entries):
                     elements={"mark_values": {str(e["mark"]): None for e in entries}})
 
 
+POOL_HOLD = 3600  # seconds a pool address stays with an idle host (refreshed per packet)
+_FILTER_FWD = "type filter hook forward priority filter; policy accept;"
+_POOL_RECORD = "type filter hook postrouting priority srcnat + 1; policy accept;"
+_POOL_PRE = "type nat hook prerouting priority dstnat + 10; policy accept;"
+
+
+def pool_map_names(entry):
+    """(host -> address map, address -> host map) of a pool rule. The name hashes the
+    rule name and its pool, so a changed pool starts from fresh assignments."""
+    text = "%s %s" % (entry["name"], " ".join(entry["pool"]))
+    digest = hashlib.blake2b(text.encode(), digest_size=6).hexdigest()
+    return "pool_" + digest, "pool_in_" + digest
+
+
+def helper_objects(name):
+    """(object name, kernel type, protocol, port) of a helper name (model.HELPERS)."""
+    from masqd.model import HELPERS
+    return [("helper_%s_%s" % (name.replace("-", "_"), proto), kind, proto, port)
+            for kind, proto, port in HELPERS[name]]
+
+
+def _pool_rules(e):
+    """SNAT to the host's address from the pool, else the next one round-robin; the
+    record chain then remembers host <-> address (per packet, so an active host keeps
+    its address), and pool_ports on that address come back to the host."""
+    fam = _fam(e["pool"][0])
+    ipkw, addr_type = _ipkw(fam), "ipv4_addr" if fam == 4 else "ipv6_addr"
+    out_map, in_map = pool_map_names(e)
+    match = criteria(e)
+    if not e["source"] and not e["destination"]:
+        match = ["meta nfproto %s" % ("ipv4" if fam == 4 else "ipv6")] + match
+    table = ", ".join("%d : %s" % (i, a) for i, a in enumerate(e["pool"]))
+    nat = [" ".join(match + ["snat %s to %s saddr map @%s" % (ipkw, ipkw, out_map)]),
+           " ".join(match + ["snat %s to numgen inc mod %d map { %s }" % (ipkw, len(e["pool"]), table)])]
+    spec = "type %s : %s; size 65535; flags dynamic, timeout;" % (addr_type, addr_type)
+    maps = [MapDef(out_map, "map", spec), MapDef(in_map, "map", spec)]
+    record = ("ct direction original %s saddr { %s } ct status snat "
+              "update @%s { ct original %s saddr timeout %ds : %s saddr } "
+              "update @%s { %s saddr timeout %ds : ct original %s saddr }"
+              % (ipkw, ", ".join(e["pool"]), out_map, ipkw, POOL_HOLD, ipkw,
+                 in_map, ipkw, POOL_HOLD, ipkw))
+    inbound = []
+    if e["pool_ports"]:
+        l4 = "meta l4proto " + e["protocol"] if e["protocol"] else _L4
+        inbound.append("fib daddr type local %s th dport %s dnat %s to %s daddr map @%s"
+                       % (l4, _port_set(e["pool_ports"]), ipkw, ipkw, in_map))
+    return nat, maps, record, inbound
+
+
+def _helper_rules(e):
+    rules = []
+    for obj, _kind, proto, port in [o for name in e["helpers"] for o in helper_objects(name)]:
+        if e["protocol"] not in (None, proto):
+            continue
+        match = dict(e, protocol=proto, source_ports=e["source_ports"],
+                     destination_ports=e["destination_ports"] or [port])
+        rules.append(" ".join(criteria(match) + ['ct state new ct helper set "%s"' % obj]))
+    return rules
+
+
 def masquerade_fragment(entries):
-    rules = tuple(" ".join(criteria(e) + ["masquerade"]) for e in entries)
-    return Fragment(chains=[Chain("postrouting", _NAT_POST, rules)])
+    nat, maps, record, inbound, helpers, objects = [], [], [], [], [], {}
+    for e in entries:
+        if e.get("helpers"):
+            helpers += _helper_rules(e)
+            for name in e["helpers"]:
+                for obj, kind, proto, _port in helper_objects(name):
+                    objects[obj] = MapDef(obj, "ct helper", 'type "%s" protocol %s; l3proto inet;' % (kind, proto))
+        if e.get("pool"):
+            rules, pool_maps, rec, inb = _pool_rules(e)
+            nat += rules
+            maps += pool_maps
+            record.append(rec)
+            inbound += inb
+        else:
+            nat.append(" ".join(criteria(e) + ["masquerade"]))
+    chains = [Chain("postrouting", _NAT_POST, tuple(nat))]
+    if record:
+        chains.append(Chain("pool_record", _POOL_RECORD, tuple(record)))
+    if inbound:
+        chains.append(Chain("pool_prerouting", _POOL_PRE, tuple(inbound)))
+    if helpers:
+        chains.append(Chain("helpers", _FILTER_FWD, tuple(helpers)))
+    return Fragment(chains=chains, maps=maps + [objects[k] for k in sorted(objects)])
 
 
 def fragment_for(table, key, tables, mfw_heads):

@@ -7,7 +7,9 @@ If persisting fails, the kernel is rolled back to the previous rendering. One lo
 serialises every request, so the daemon may call `handle` from many threads.
 """
 
+import logging
 import threading
+import time
 
 from masqd import __version__, model, render
 from masqd.model import TABLES, ValidationError
@@ -18,7 +20,10 @@ _REQUEST_FIELDS = ("op", "table", "entry", "entries", "revision", "mark")
 _WRITE_OPS = ("add", "insert", "edit", "delete", "flush", "set", "schedule")
 _BACKEND_TABLES = ("portfw", "mfw")
 _WHOLE_TABLE_FRAGMENTS = ("marks", "masquerade")
-AUTOFW_CONTROL_STATUS = "inactive: control-port detection not yet implemented"
+AUTOFW_CONTROL_STATUS = "waiting: no control traffic seen"
+AUTOFW_NO_WATCHER = "inactive: control-port watcher not running"
+
+log = logging.getLogger("masqd.service")
 
 
 class KernelRejected(Exception):
@@ -35,6 +40,11 @@ class Service:
         self._mfw_heads = {}
         self._revision = 0
         self._ruleset = None
+        # AUTOFW control-port detection, runtime only (the kernel expires the elements):
+        # key -> {peer or None: recipient record}; see autofw_control_seen.
+        self._autofw_live = {}
+        self.watcher = None  # the running watcher (masqd.autofw_watch), for status
+        self.clock = time.monotonic
 
     # --- lifecycle --------------------------------------------------------------------
 
@@ -57,6 +67,11 @@ class Service:
             ruleset = render.render(self._tables, self._mfw_heads)
             self.nft.apply(render.full_sync(ruleset))
             self._ruleset = ruleset
+            self._autofw_live = {}
+
+    def stop(self):
+        if self.watcher is not None:
+            self.watcher.stop()
 
     # --- request dispatch ---------------------------------------------------------------
 
@@ -97,9 +112,11 @@ class Service:
     # --- reads --------------------------------------------------------------------------
 
     def _op_status(self, request):
+        watcher = self.watcher.stats() if self.watcher is not None else {"running": False}
         return False, {"version": __version__, "revision": self._revision,
                        "tables": {t: len(self._tables[t]) for t in TABLES},
-                       "socket": self.socket_path, "state_file": self.store.path}
+                       "socket": self.socket_path, "state_file": self.store.path,
+                       "autofw_watcher": watcher}
 
     def _op_get(self, request):
         if request.get("table") is None:
@@ -110,6 +127,8 @@ class Service:
     def _op_list(self, request):
         tables = TABLES if request.get("table") is None else (model.table_name(request["table"]),)
         counters = self.nft.read_counters() if any(t in _BACKEND_TABLES for t in tables) else ({}, {})
+        if "autofw" in tables:
+            counters = counters + (self._autofw_kernel_view(),)
         out = {t: [self._runtime(t, key, e, counters) for key, e in self._tables[t].items()] for t in tables}
         if request.get("table") is None:
             return False, {"tables": out}
@@ -118,10 +137,9 @@ class Service:
     def _runtime(self, table, key, entry, counters):
         entry = dict(entry)
         if table == "autofw":
-            entry["recipient"] = entry["hidden_host"]
-            entry["status"] = "active" if entry["hidden_host"] else AUTOFW_CONTROL_STATUS
+            return self._autofw_runtime(key, entry, counters[2])
         elif table in _BACKEND_TABLES:
-            entry["backends"] = backend_runtime(table, entry, self._mfw_heads.get(key), *counters)
+            entry["backends"] = backend_runtime(table, entry, self._mfw_heads.get(key), *counters[:2])
         return entry
 
     # --- writes -------------------------------------------------------------------------
@@ -162,7 +180,7 @@ class Service:
                 model.key_fields(table)[0]), "an entry with this key already exists")
         if current is None:
             self._check_size(table, 1)
-            if table == "autofw":
+            if table in ("autofw", "masquerade"):
                 try:
                     model.check_table(table, list(self._tables[table].values()) + [entry], "entries")
                 except ValidationError as exc:
@@ -341,7 +359,10 @@ class Service:
             self._rollback(new_rs, fids)
             raise KernelRejected({"field": "state_dir", "value": self.store.state_dir,
                                   "message": "could not persist the state, change rolled back: %s" % exc})
+        old_table = self._tables[table]
         self._tables, self._mfw_heads, self._revision, self._ruleset = tables, heads, revision, new_rs
+        if table == "autofw":
+            self._autofw_forget([k for k in keys if old_table.get(k) != new_table.get(k)])
         return True
 
     def _apply(self, txn, new_rs, field):
@@ -359,12 +380,154 @@ class Service:
         except NftError:
             raise KernelRejected(_kernel_error(field, first)) from None
         self.nft.apply(full)
+        self._autofw_live = {}  # the re-created table holds no detected recipients
 
     def _rollback(self, new_rs, fids):
         try:
             self.nft.apply(render.diff(new_rs, self._ruleset, fids))
         except NftError:
             self.nft.apply(render.full_sync(self._ruleset))
+
+
+    # --- AUTOFW control-port detection (runtime state, fed by masqd.autofw_watch) ------
+
+    def control_ports(self):
+        """{(protocol, port)} the watcher must report (lock-free: tables are swapped whole)."""
+        return {(e["control_protocol"], e["control_port"])
+                for e in self._tables["autofw"].values() if e["control_port"]}
+
+    def autofw_control_seen(self, protocol, source, destination, port, kind="new"):
+        """A connection from internal host `source` to `destination`:`port` (`protocol`)
+        was created (`kind` "new") or changed state ("update"). Every control-port entry
+        for that protocol/port gets `source` as its recipient (per `destination` with
+        keyed_by_peer), as timed map elements: a new connection sets the recipient
+        (the most recent wins), an update of the current recipient's connection
+        refreshes its timeout. Returns [(entry key, "set" | "replaced" | "refreshed")]."""
+        with self._lock:
+            if self._ruleset is None:
+                return []
+            done = []
+            for key, entry in self._tables["autofw"].items():
+                if entry["control_protocol"] != protocol or entry["control_port"] != port:
+                    continue
+                action = self._autofw_program(key, entry, source, destination, kind)
+                if action:
+                    done.append((key, action))
+            return done
+
+    def _autofw_program(self, key, entry, source, destination, kind):
+        family = 6 if ":" in source else 4
+        peer = destination if entry["keyed_by_peer"] else None
+        live = self._autofw_live.setdefault(key, {})
+        now = self.clock()
+        current = live.get(peer)
+        if current is not None and now >= current["refreshed"] + entry["timeout"]:
+            live.pop(peer)  # expired in the kernel too
+            current = None
+        if kind != "new" and (current is None or current["address"] != source):
+            return None  # only new connections choose a recipient
+        timeout = entry["timeout"]
+        ops = []
+        if current is not None and current["address"] == source:
+            action = "refreshed"
+        else:
+            action = "replaced" if current is not None else "set"
+            if current is not None:
+                ops += _element_remove(entry, current)
+            if peer is None:
+                for other in list(live.values()):  # one client at a time (the seed's limit)
+                    ops += _element_remove(entry, other)
+                live.clear()
+        name, elem = render.autofw_recipient_element(entry, family, peer)
+        # `expires` as well: re-adding an existing element updates its expiry only when
+        # told so (kernel 6.x element update); `timeout` alone would leave it running.
+        ops.append(render.Op("add", "element", name, [("%s timeout %ds expires %ds" % (elem, timeout, timeout),
+                                                        source)]))
+        try:
+            self.nft.apply(render.Transaction(ops))
+        except NftError as exc:
+            log.warning("autofw %s: cannot program recipient %s: %s", _key_text(key), source, exc)
+            return None
+        wall = time.time()
+        record = {"address": source, "family": family, "peer": peer, "refreshed": now,
+                  "since": wall if action != "refreshed" else current["since"],
+                  "replaced": None}
+        if action == "refreshed":
+            record["replaced"] = current["replaced"]
+        elif action == "replaced":
+            record["replaced"] = {"address": current["address"], "at": _iso(wall)}
+        live[peer] = record
+        if action != "refreshed":
+            log.info("autofw %s: recipient %s%s%s", _key_text(key), source,
+                     " for peer %s" % peer if peer else "",
+                     " (replaced %s)" % current["address"] if action == "replaced" else "")
+        return action
+
+    def _autofw_forget(self, keys):
+        """Drop the detected recipients of changed or deleted entries (kernel and memory)."""
+        for key in keys:
+            live = self._autofw_live.pop(key, None)
+            if not live:
+                continue
+            ops = []
+            for record in live.values():
+                ops += _element_remove(_range_of(key), record)
+            try:
+                self.nft.apply(render.Transaction(ops))
+            except NftError as exc:
+                log.warning("autofw %s: cannot remove recipients: %s", _key_text(key), exc)
+
+    def _autofw_kernel_view(self):
+        if not any(e["hidden_host"] is None for e in self._tables["autofw"].values()):
+            return {}
+        names = ["autofw_%s_%s" % (kind, fam) for kind in ("recipients", "peers") for fam in ("v4", "v6")]
+        return self.nft.read_elements(names)
+
+    def _autofw_runtime(self, key, entry, kernel):
+        entry = dict(entry, recipient=entry["hidden_host"], expires=None, recipients=[])
+        if entry["hidden_host"]:
+            entry["status"] = "active"
+            return entry
+        live = self._autofw_live.get(key, {})
+        for peer, record in sorted(live.items(), key=lambda item: item[0] or ""):
+            name, elem = render.autofw_recipient_element(entry, record["family"], peer)
+            seen = kernel.get(name, {}).get(elem)
+            if seen is None or seen["value"] != record["address"]:
+                continue  # expired (the kernel's job) or gone
+            entry["recipients"].append({
+                "peer": peer, "address": record["address"], "expires": seen["expires"],
+                "since": _iso(record["since"]), "replaced": record["replaced"]})
+        if entry["recipients"] and not entry["keyed_by_peer"]:
+            entry["recipient"] = entry["recipients"][0]["address"]
+            entry["expires"] = entry["recipients"][0]["expires"]
+        if entry["recipients"]:
+            entry["status"] = "active"
+        elif self.watcher is not None and not self.watcher.running:
+            entry["status"] = AUTOFW_NO_WATCHER
+        else:
+            entry["status"] = AUTOFW_CONTROL_STATUS
+        return entry
+
+
+def _range_of(key):
+    protocol, low, high = key
+    return {"protocol": protocol, "low_port": low, "high_port": high}
+
+
+def _element_remove(entry, record):
+    """Ops deleting a recipient element that may have expired meanwhile: add it
+    (same value, a no-op or a re-creation), then delete it, in one transaction."""
+    name, elem = render.autofw_recipient_element(entry, record["family"], record["peer"])
+    return [render.Op("add", "element", name, [("%s timeout 1s" % elem, record["address"])]),
+            render.Op("delete", "element", name, [elem])]
+
+
+def _key_text(key):
+    return "%s %d-%d" % key
+
+
+def _iso(wall):
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(wall))
 
 
 def new_rs_ids(table, keys):

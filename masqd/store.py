@@ -7,11 +7,15 @@ fsync(dir), mode 0600, in a 0700 directory, so a crash leaves the old or the new
 Rewriting a 100,000-key snapshot costs ~0.3 s, so single-key changes are appended to
 a journal beside it instead (one fsync'd JSON line each: the entries put and the keys
 deleted, with the new revision). Loading replays the journal records newer than the
-snapshot; a torn last line (a crash mid-append, never acknowledged) is ignored. The
-service writes a fresh snapshot (and drops the journal) for whole-table changes and
+snapshot; a torn last line (a crash mid-append, never acknowledged) is ignored, and
+cut off before the next append, so a later record never lands on the same line. An
+append that cannot be written whole (ENOSPC after a partial write, EROFS, a failed
+fsync) is cut back to the previous end of the journal and raises OSError: a change is
+acknowledged only when its whole record is on disk. The service writes a fresh snapshot (and drops the journal) for whole-table changes and
 when the journal grows past JOURNAL_MAX records.
 """
 
+import errno
 import json
 import os
 
@@ -31,6 +35,7 @@ class Store:
         self.path = os.path.join(state_dir, STATE_FILE)
         self.journal_path = os.path.join(state_dir, JOURNAL_FILE)
         self.journal_records = 0
+        self._journal_end = None  # byte length of the valid journal, known after load()
 
     def ensure_dir(self):
         os.makedirs(self.state_dir, mode=0o700, exist_ok=True)
@@ -51,21 +56,41 @@ class Store:
         doc.setdefault("tables", {})
         doc.setdefault("mfw_heads", {})
         self._replay(doc)
+        self._remove_stale_tmp()
         return doc
+
+    def _remove_stale_tmp(self):
+        """Snapshot temporaries of an agent killed mid-save: never renamed, never
+        acknowledged, and otherwise left behind by every such crash."""
+        prefix = os.path.basename(self.path) + ".tmp."
+        try:
+            names = os.listdir(self.state_dir)
+        except FileNotFoundError:
+            return
+        for name in names:
+            if name.startswith(prefix):
+                try:
+                    os.unlink(os.path.join(self.state_dir, name))
+                except OSError:
+                    pass
 
     def _replay(self, doc):
         from masqd.model import entry_key
         self.journal_records = 0
+        self._journal_end = 0
         try:
-            with open(self.journal_path, encoding="utf-8") as f:
+            with open(self.journal_path, "rb") as f:
                 lines = f.readlines()
         except FileNotFoundError:
             return
         for line in lines:
             try:
-                rec = json.loads(line)
+                rec = json.loads(line) if line.endswith(b"\n") else None
             except ValueError:
+                rec = None
+            if not isinstance(rec, dict) or not isinstance(rec.get("revision"), int) or "table" not in rec:
                 break  # torn last append: it was never acknowledged
+            self._journal_end += len(line)
             self.journal_records += 1
             if rec["revision"] <= doc["revision"]:
                 continue
@@ -83,12 +108,30 @@ class Store:
     def append(self, record):
         """Append one change record (fsync'd) to the journal."""
         self.ensure_dir()
-        line = json.dumps(record, separators=(",", ":")) + "\n"
+        data = (json.dumps(record, separators=(",", ":")) + "\n").encode("utf-8")
         created = not os.path.exists(self.journal_path)
         fd = os.open(self.journal_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         try:
-            os.write(fd, line.encode("utf-8"))
-            os.fsync(fd)
+            end = os.fstat(fd).st_size
+            if self._journal_end is not None and end > self._journal_end:
+                os.ftruncate(fd, self._journal_end)  # drop a torn tail found by load()
+                end = self._journal_end
+            try:
+                written = 0
+                while written < len(data):
+                    n = os.write(fd, data[written:])
+                    if n <= 0:
+                        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                    written += n
+                os.fsync(fd)
+            except OSError:
+                try:  # never leave half a record (or an unsynced one) to be acknowledged later
+                    os.ftruncate(fd, end)
+                    os.fsync(fd)
+                except OSError:
+                    pass
+                raise
+            self._journal_end = end + len(data)
         finally:
             os.close(fd)
         if created:
@@ -121,6 +164,7 @@ class Store:
         except FileNotFoundError:
             pass
         self.journal_records = 0
+        self._journal_end = 0
 
     def _fsync_dir(self):
         dfd = os.open(self.state_dir, os.O_RDONLY | os.O_DIRECTORY)

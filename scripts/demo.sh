@@ -1,7 +1,14 @@
 #!/usr/bin/env bash
-# The main job: builds the reference lab and shows what real probes see in it.
+# The main job: the seed's PORTFW scenario in a namespace lab, applied with Ansible
+# (gateway role + ipmasq.gateway.masq_portfw) and shown with real probes.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 bash "$here/setup.sh"
 . "$here/env.sh"
-exec ipmasq-lab demo "$@"
+cd "$repo"
+
+prefix=demo$(od -An -N3 -tx1 /dev/urandom | tr -d ' \n')
+trap 'ipmasq-lab down "$prefix" >/dev/null' EXIT
+ipmasq-lab up seed --prefix "$prefix" >/dev/null
+echo "seed lab $prefix is up: client, gateway, web1, web2, friendsrv, neutralsrv, friend"
+ANSIBLE_DISPLAY_SKIPPED_HOSTS=false ansible-playbook -i inventory/lab.yml -e lab_prefix="$prefix" playbooks/lab_demo.yml "$@"

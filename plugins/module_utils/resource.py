@@ -30,7 +30,8 @@ TABLES = {
     "autofw": {
         "key": ("protocol", "low_port", "high_port"),
         "fields": (("protocol", None), ("low_port", None), ("high_port", None), ("hidden_host", None),
-                   ("control_protocol", None), ("control_port", None), ("timeout", 15)),
+                   ("control_protocol", None), ("control_port", None), ("timeout", 15),
+                   ("keyed_by_peer", False)),
         "backend": None,
         "required": (),
     },
@@ -52,14 +53,15 @@ TABLES = {
         "key": ("name",),
         "fields": (("name", None), ("source", None), ("source_invert", False), ("destination", None),
                    ("destination_invert", False), ("protocol", None), ("source_ports", None),
-                   ("destination_ports", None), ("output_interface", None)),
+                   ("destination_ports", None), ("output_interface", None), ("pool", None),
+                   ("pool_ports", None), ("helpers", None)),
         "backend": None,
         "required": (),
     },
 }
 
 # AUTOFW's recipient is either a fixed hidden host or the control-port watcher.
-_AUTOFW_RECIPIENT = (("hidden_host",), ("control_protocol", "control_port"))
+_AUTOFW_RECIPIENT = (("hidden_host",), ("control_protocol", "control_port", "keyed_by_peer"))
 
 
 class ConfigError(ValueError):
@@ -104,8 +106,12 @@ def _canonical_ports(value):
 def _canonical_value(field, value):
     if field in _ADDRESS_FIELDS:
         return _canonical_address(value)
-    if field in ("source_ports", "destination_ports"):
+    if field in ("source_ports", "destination_ports", "pool_ports"):
         return _canonical_ports(value)
+    if field == "pool" and isinstance(value, list):
+        return [_canonical_address(a) for a in value]
+    if field == "helpers" and isinstance(value, list) and all(isinstance(h, str) for h in value):
+        return sorted(value)  # the agent keeps helpers sorted: order carries no meaning
     return value
 
 
@@ -294,11 +300,20 @@ def _add_lines(table, e):
             recipient = "-h %s" % e["hidden_host"]
         else:
             recipient = "-c %s %s" % (e["control_protocol"], e["control_port"])
+        if e.get("keyed_by_peer"):
+            recipient += " --keyed-by-peer"
         return ["autofw -A -r %s %s %s %s -t %s" % (e["protocol"], e["low_port"], e["high_port"],
                                                     recipient, e["timeout"])]
     if table == "marks":
         return [" ".join(["mark", "-A"] + _criteria(e) + ["-m", str(e["mark"]), "--name", e["name"]])]
-    return [" ".join(["masq", "-A"] + _criteria(e) + ["--name", e["name"], "-j", "MASQ"])]
+    extras = []
+    if e.get("pool"):
+        extras += ["--pool", ",".join(e["pool"])]
+    if e.get("pool_ports"):
+        extras += ["--pool-ports", _ports_text(e["pool_ports"])]
+    if e.get("helpers"):
+        extras += ["--helper", ",".join(e["helpers"])]
+    return [" ".join(["masq", "-A"] + _criteria(e) + extras + ["--name", e["name"], "-j", "MASQ"])]
 
 
 def _delete_line(table, e):

@@ -16,7 +16,13 @@ description:
     or the internal host last seen sending to a control protocol and port
     (O(config[].control_protocol) and O(config[].control_port), the seed's C(-c)), for
     O(config[].timeout) seconds.
-  - As the seed warns, one internal client at a time can use an entry.
+  - As the seed warns, one internal client at a time can use an entry; the most recent
+    control connection wins. With O(config[].keyed_by_peer), each external server
+    has its own recipient, so several clients can stream from different servers at once.
+  - The agent detects control connections from conntrack events and programs the
+    recipient as a timed nftables map element that the kernel expires; further control
+    connections (and state changes of the current one) refresh it. M(ipmasq.gateway.masq_info)
+    lists the current recipient and its remaining time.
   - An entry's key is (O(config[].protocol), O(config[].low_port), O(config[].high_port)).
   - Programs the C(masqd) agent, which applies the table to nftables atomically.
 author: ipmasq.gateway developers (@ipmasq)
@@ -55,9 +61,20 @@ options:
         type: int
       timeout:
         description:
-          - Seconds a detected recipient keeps the range after its last packet.
-            The agent's default is 15 (the seed's); longer is allowed (its C(-u)).
+          - Seconds a detected recipient keeps the range after the last control traffic
+            (new control connection, or a state change of the current one); the agent's
+            default is 15 (the seed's), 1-86400 is allowed (masqctl's C(-u) sets 3600).
+          - Flows that already started keep going (conntrack carries them); the timeout
+            bounds when new inbound flows are accepted.
         type: int
+      keyed_by_peer:
+        description:
+          - With control-port detection, keep one recipient per external peer: inbound
+            data from server X on the range goes to the internal host that last opened
+            the control connection to X. Two clients on the same server: the most
+            recent wins, and the listing shows whom it replaced.
+          - Needs O(config[].control_protocol) and O(config[].control_port). Default V(false).
+        type: bool
 extends_documentation_fragment:
   - ipmasq.gateway.agent
   - ipmasq.gateway.agent.resource_state
@@ -77,6 +94,17 @@ EXAMPLES = r"""
         control_port: 7070
         timeout: 60
 
+- name: Several clients at once, each streaming from its own server (2 s window, for tests)
+  ipmasq.gateway.masq_autofw:
+    config:
+      - protocol: udp
+        low_port: 6970
+        high_port: 7170
+        control_protocol: tcp
+        control_port: 7070
+        keyed_by_peer: true
+        timeout: 2
+
 - name: Always forward a port range to one hidden host
   ipmasq.gateway.masq_autofw:
     config:
@@ -95,7 +123,7 @@ before:
   elements: dict
   sample:
     - {protocol: udp, low_port: 6970, high_port: 7170, hidden_host: null,
-       control_protocol: tcp, control_port: 7070, timeout: 15}
+       control_protocol: tcp, control_port: 7070, timeout: 15, keyed_by_peer: false}
 after:
   description: The table after the task (in check mode, as it would be).
   returned: when the table was read (not with O(state=gathered) or O(state=rendered))
@@ -103,7 +131,7 @@ after:
   elements: dict
   sample:
     - {protocol: udp, low_port: 6970, high_port: 7170, hidden_host: null,
-       control_protocol: tcp, control_port: 7070, timeout: 60}
+       control_protocol: tcp, control_port: 7070, timeout: 60, keyed_by_peer: false}
 commands:
   description:
     - masqctl command lines summarising what changed; removed keys are deleted, new or
@@ -161,10 +189,12 @@ ENTRY_OPTIONS = {
     "control_protocol": {"type": "str", "choices": ["tcp", "udp"]},
     "control_port": {"type": "int"},
     "timeout": {"type": "int"},
+    "keyed_by_peer": {"type": "bool"},
 }
 
 # One recipient mode per entry: a hidden host, or a control protocol and port.
-MUTUALLY_EXCLUSIVE = [["hidden_host", "control_protocol"], ["hidden_host", "control_port"]]
+MUTUALLY_EXCLUSIVE = [["hidden_host", "control_protocol"], ["hidden_host", "control_port"],
+                      ["hidden_host", "keyed_by_peer"]]
 REQUIRED_TOGETHER = [["control_protocol", "control_port"]]
 
 

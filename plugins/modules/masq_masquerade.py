@@ -57,6 +57,34 @@ options:
       output_interface:
         description: Match packets that leave by this interface; any when not set.
         type: str
+      pool:
+        description:
+          - Source NAT to an address of this pool instead of the outgoing interface's
+            address (the seed's "A Better Way to AUTOFW - NAT"). Each internal host gets
+            the next free-running pool address when it starts talking and keeps it while
+            it has traffic (an hour after its last packet; a restart of the agent
+            reassigns).
+          - The addresses must be local addresses of the gateway (configured on its
+            external interface), all of one family, matching the rule's source or
+            destination family; an address can be in one rule's pool only.
+        type: list
+        elements: str
+      pool_ports:
+        description:
+          - Inbound connections to a pool address on these ports (each a port or a
+            C(low-high) range) go to the internal host holding that address, with the
+            rule's O(config[].protocol) (TCP and UDP when not set). Needs O(config[].pool).
+        type: list
+        elements: raw
+      helpers:
+        description:
+          - Kernel conntrack helpers for the connections this rule matches, on each
+            helper's standard port (or O(config[].destination_ports) when set), so
+            protocols that open data connections (active FTP, IRC DCC, SIP, TFTP, ...)
+            work through the masquerading gateway.
+        type: list
+        elements: str
+        choices: [amanda, ftp, h323, irc, netbios-ns, pptp, sane, sip, snmp, tftp]
 extends_documentation_fragment:
   - ipmasq.gateway.agent
   - ipmasq.gateway.agent.resource_state
@@ -70,6 +98,15 @@ EXAMPLES = r"""
     config:
       - {name: web-27, protocol: tcp, source: 10.16.0.27/32, source_ports: [80]}
       - {name: web-28, protocol: tcp, source: 10.16.0.28/32, source_ports: [80]}
+
+- name: Give each inside host its own external address, FTP helper on, inbound 5000-5010 back
+  ipmasq.gateway.masq_masquerade:
+    config:
+      - name: inside-pool
+        source: 10.16.0.0/24
+        pool: [198.51.100.2, 198.51.100.3]
+        pool_ports: ["5000-5010"]
+        helpers: [ftp]
 
 - name: Masquerade everything the inside network sends out of eth0
   ipmasq.gateway.masq_masquerade:
@@ -94,7 +131,7 @@ after:
   sample:
     - {name: web-27, source: 10.16.0.27/32, source_invert: false, destination: null,
        destination_invert: false, protocol: tcp, source_ports: [80], destination_ports: null,
-       output_interface: null}
+       output_interface: null, pool: null, pool_ports: null, helpers: null}
 commands:
   description:
     - masqctl command lines summarising what changed; removed keys are deleted, new or
@@ -153,6 +190,10 @@ ENTRY_OPTIONS = {
     "source_ports": {"type": "list", "elements": "raw"},
     "destination_ports": {"type": "list", "elements": "raw"},
     "output_interface": {"type": "str"},
+    "pool": {"type": "list", "elements": "str"},
+    "pool_ports": {"type": "list", "elements": "raw"},
+    "helpers": {"type": "list", "elements": "str",
+                "choices": ["amanda", "ftp", "h323", "irc", "netbios-ns", "pptp", "sane", "sip", "snmp", "tftp"]},
 }
 
 

@@ -64,7 +64,7 @@ def alive(pid):
         return False
 
 
-def test_role_is_idempotent_and_runs_the_agent_in_the_gateway_namespace(tmp_path, env, gateway_lab):
+def test_role_is_idempotent_runs_the_agent_in_the_namespace_and_restarts_it(tmp_path, env, gateway_lab):
     prefix = gateway_lab.prefix
     proc, first = playbook(tmp_path, env, ROLE_PLAY, prefix)
     assert proc.returncode == 0, proc.stdout[-4000:]
@@ -87,30 +87,13 @@ def test_role_is_idempotent_and_runs_the_agent_in_the_gateway_namespace(tmp_path
     # ... and not in the client's namespace (nor anywhere else of the lab).
     assert gateway_lab.run("client", ["nft", "list", "table", "inet", "masqd"], timeout=10).returncode != 0
 
-
-def test_check_mode_on_a_fresh_gateway_changes_nothing(tmp_path, env, gateway_lab):
-    prefix = gateway_lab.prefix
-    plays = [dict(ROLE_PLAY[0], vars={"gateway_portfw": [
-        {"protocol": "tcp", "local_address": "198.51.100.1", "local_port": 80,
-         "backends": [{"address": "10.16.0.27", "port": 80, "pref": 15}]}]})]
-    proc, document = playbook(tmp_path, env, plays, prefix, "--check", "--diff")
-    assert proc.returncode == 0, proc.stdout[-4000:]
-    assert stats(document)["failures"] == 0
-    assert stats(document)["changed"] > 0  # it reports what it would do
-    assert not os.path.exists("/run/ipmasq-lab/%s/gateway" % prefix)
-    assert gateway_lab.sysctl("gateway", "net.ipv4.ip_forward") == "0"
-
-
-def test_changed_agent_files_restart_the_agent(tmp_path, env, gateway_lab):
-    prefix = gateway_lab.prefix
-    proc, _ = playbook(tmp_path, env, ROLE_PLAY, prefix)
-    assert proc.returncode == 0, proc.stdout[-4000:]
+    # A changed agent file is put back and the agent restarted (the handler).
     before = agent_pid(prefix)
     deployed = "/run/ipmasq-lab/%s/gateway/lib/masqd/daemon.py" % prefix
     with open(deployed, "a") as handle:
         handle.write("# local edit\n")
 
-    proc, document = playbook(tmp_path, env, ROLE_PLAY, prefix)
+    proc, _ = playbook(tmp_path, env, ROLE_PLAY, prefix)
     assert proc.returncode == 0, proc.stdout[-4000:]
     after = agent_pid(prefix)
     assert after != before
@@ -123,6 +106,19 @@ def test_changed_agent_files_restart_the_agent(tmp_path, env, gateway_lab):
                              timeout=10)
     assert status.returncode == 0, status.stderr
     assert "revision" in json.dumps(json.loads(status.stdout))
+
+
+def test_check_mode_on_a_fresh_gateway_changes_nothing(tmp_path, env, gateway_lab):
+    prefix = gateway_lab.prefix
+    plays = [dict(ROLE_PLAY[0], vars={"gateway_portfw": [
+        {"protocol": "tcp", "local_address": "198.51.100.1", "local_port": 80,
+         "backends": [{"address": "10.16.0.27", "port": 80, "pref": 15}]}]})]
+    proc, document = playbook(tmp_path, env, plays, prefix, "--check", "--diff")
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    assert stats(document)["failures"] == 0
+    assert stats(document)["changed"] > 0  # it reports what it would do
+    assert not os.path.exists("/run/ipmasq-lab/%s/gateway" % prefix)
+    assert gateway_lab.sysctl("gateway", "net.ipv4.ip_forward") == "0"
 
 
 def test_rollout_stops_at_the_first_gateway_whose_check_fails(tmp_path, env, lab_factory):

@@ -1,0 +1,100 @@
+"""Benchmark 4: the control plane at 100,000 PORTFW keys.
+
+  - full table from empty: Service.handle(set) in-process inside the gateway
+    namespace (JSON parse + validation + render + one nft transaction + snapshot);
+  - add / remove one key while 100,000 are loaded: in-process, and through the
+    daemon's socket (what masqctl and the modules see);
+  - daemon cold start with 100,000 stored keys (load + full re-sync) and its RSS;
+  - a 5,000-key `set` through the socket (the largest that fits the 1 MiB limit).
+"""
+
+import json
+import os
+import statistics
+
+from bench import common
+from bench.common import GATEWAY_OUT, REPO, SERVER, log, median
+from bench.scale import portfw_entries
+
+PROFILES = os.path.join(common.RESULTS, "profiles")
+
+
+def run(quick=False, keys=100000):
+    repeats = 3 if quick else 5
+    one_ops = 30 if quick else 100
+    os.makedirs(PROFILES, exist_ok=True)
+    with common.Workdir() as work, _lab() as lab:
+        profile = os.path.join(PROFILES, "control_set_%d.txt" % keys)
+        r = lab.run("gateway", [common.PYTHON, "-m", "bench.control_worker", os.path.join(work, "inproc"),
+                                str(keys), str(repeats), str(one_ops), profile], timeout=900, cwd=REPO)
+        if r.returncode != 0:
+            raise RuntimeError("control worker failed: %s" % r.stderr[-1000:])
+        inproc = json.loads(r.stdout.strip().splitlines()[-1])
+        lab.run("gateway", ["nft", "delete", "table", "inet", "masqd"], timeout=60)
+        log("control in-process: set %d keys median %.2f s, add one %.1f ms, delete one %.1f ms", keys,
+            inproc["set_median_s"], median(inproc["add_one_s"]) * 1e3, median(inproc["delete_one_s"]) * 1e3)
+
+        agent = common.Agent(lab, "gateway", work)
+        agent.preload({"portfw": portfw_entries(keys)})
+        start_s = agent.start(timeout=600)
+        rss = agent.rss_kib()
+        add, delete = [], []
+        with agent.client() as c:
+            for i in range(one_ops):
+                entry = {"protocol": "tcp", "local_address": GATEWAY_OUT, "local_port": 31000 + i,
+                         "backends": [{"address": SERVER, "port": 80}]}
+                t0 = common.now()
+                c.request("add", table="portfw", entry=entry)
+                add.append(common.now() - t0)
+                t0 = common.now()
+                c.request("delete", table="portfw",
+                          entry={k: entry[k] for k in ("protocol", "local_address", "local_port")})
+                delete.append(common.now() - t0)
+            rss_after = agent.rss_kib()
+            t0 = common.now()
+            c.request("flush", table="portfw")
+            flush_s = common.now() - t0
+            small = portfw_entries(5000)
+            request_bytes = len(json.dumps({"op": "set", "table": "portfw", "entries": small}))
+            t0 = common.now()
+            c.request("set", table="portfw", entries=small)
+            set5k_s = common.now() - t0
+        agent.stop()
+        log("control daemon: start with %d keys %.2f s, RSS %d KiB, add one %.1f ms", keys, start_s, rss,
+            median(add) * 1e3)
+
+    summary = {
+        "apply_full_table_s": inproc["set_median_s"],
+        "add_one_median_ms": median(inproc["add_one_s"]) * 1e3,
+        "delete_one_median_ms": median(inproc["delete_one_s"]) * 1e3,
+        "socket_add_one_median_ms": median(add) * 1e3,
+        "socket_delete_one_median_ms": median(delete) * 1e3,
+        "socket_add_one_p90_ms": common.percentile(add, 0.9) * 1e3,
+        "daemon_start_with_keys_s": start_s,
+        "daemon_rss_mib": rss / 1024,
+        "daemon_rss_after_ops_mib": rss_after / 1024,
+        "socket_flush_s": flush_s,
+        "socket_set_5000_s": set5k_s,
+        "socket_set_5000_request_bytes": request_bytes,
+        "full_table_request_bytes": inproc["request_bytes"],
+    }
+    targets = {
+        "apply %d keys from empty < 3 s" % keys: summary["apply_full_table_s"] < 3,
+        "add/remove one key at %d median < 50 ms (socket)" % keys:
+            max(summary["socket_add_one_median_ms"], summary["socket_delete_one_median_ms"]) < 50,
+        "full table fits one socket request (1 MiB limit)": inproc["request_bytes"] <= (1 << 20),
+    }
+    return {"method": {"keys": keys, "repeats": repeats, "one_key_ops": one_ops, "statistic": "median",
+                       "profile": os.path.relpath(profile, REPO)},
+            "raw": {"in_process": inproc, "socket_add_s": add, "socket_delete_s": delete},
+            "summary": summary, "targets": targets}
+
+
+def _lab():
+    import ipmasq_lab
+    return ipmasq_lab.lab(common.triple_spec("control"))
+
+
+if __name__ == "__main__":
+    import sys
+    print(json.dumps(run(quick="--quick" in sys.argv)["summary"], indent=1))

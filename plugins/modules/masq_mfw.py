@@ -134,7 +134,10 @@ EXAMPLES = r"""
 
 RETURN = r"""
 before:
-  description: The table before the task, complete entries in table order.
+  description:
+    - The table before the task, complete entries in table order.
+    - With O(schedule), each mark's backends are listed in scheduling order, starting at the
+      current head (the agent keeps the head apart from the configured order).
   returned: when the table was read (not with O(state=gathered) or O(state=rendered))
   type: list
   elements: dict
@@ -199,6 +202,7 @@ from ansible_collections.ipmasq.gateway.plugins.module_utils.masqd_client import
 from ansible_collections.ipmasq.gateway.plugins.module_utils.resource import (
     ConfigError,
     normalize_table,
+    schedule_order,
     scheduled,
     table_text,
 )
@@ -237,14 +241,14 @@ def force_scheduling(module, mark):
         if not 1 <= mark <= MAX_MARK:
             raise ConfigError("schedule", mark, "mark must be 1-%d" % MAX_MARK)
         with MasqdClient(module.params["socket"]) as agent:
-            response = agent.request("get", table="mfw")
-            before = normalize_table("mfw", response["result"]["entries"])
+            response = agent.request("list", table="mfw")
+            before = schedule_order(response["result"]["entries"])
             after = scheduled(before, mark)
             result.update(before=before, revision=response.get("revision"))
             if not module.check_mode:
                 agent.request("schedule", mark=mark)
-                response = agent.request("get", table="mfw")
-                after = normalize_table("mfw", response["result"]["entries"])
+                response = agent.request("list", table="mfw")
+                after = schedule_order(response["result"]["entries"])
                 result["revision"] = response.get("revision")
     except (ConfigError, MasqdError) as error:
         fail_error(module, error, result)

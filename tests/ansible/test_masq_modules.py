@@ -166,8 +166,10 @@ def test_mfw_schedule_and_info(tmp_path, ansible_env, netns_pair, agent):
     assert planned["revision"] == results["failover pair"]["revision"]  # check mode wrote nothing
     assert scheduled["changed"] is True and heads(scheduled["before"]) == ["10.16.0.10", "10.16.0.11"]
     assert heads(scheduled["after"]) == ["10.16.0.11", "10.16.0.10"]
-    assert heads(info["mfw"]) == ["10.16.0.11", "10.16.0.10"]
-    assert set(info["mfw"][0]["backends"][0]) >= {"address", "port", "pref", "pcnt", "connections"}
+    # masq_info keeps the configured order and flags the runtime head.
+    assert heads(info["mfw"]) == ["10.16.0.10", "10.16.0.11"]
+    assert [b["head"] for b in info["mfw"][0]["backends"]] == [False, True]
+    assert set(info["mfw"][0]["backends"][0]) >= {"address", "port", "pref", "pcnt", "connections", "head"}
     assert info["status"]["tables"]["mfw"] == 1 and "portfw" not in info
 
 

@@ -34,6 +34,7 @@ def gateway(seed_lab):
     agent.start()
     try:
         agent.masqctl("masq", "-A", "-s", "10.16.0.0/24", "-j", "MASQ")
+        _agent["gateway"] = agent
         yield agent
     finally:
         agent.stop()
@@ -46,11 +47,25 @@ def udp_from(lab, server, dst, count=1):
                                                    protocol="udp", timeout=0.5)]
 
 
+_agent = {}
+
+
 def control(lab, inside, server_address):
-    """One TCP control connection; the server must have answered (masqueraded)."""
+    """One TCP control connection; the server must have answered (masqueraded). The
+    agent reacts to the conntrack event within milliseconds, asynchronously: wait
+    (bounded) until it lists `inside` as the recipient, so a loaded machine cannot
+    make the next probe race the detection."""
     (answer,) = probes.connect_many(lab, inside, server_address, 7070)
     assert answer.ok, answer.error
     assert answer.seen_source_address in (GATEWAY_EXT, GATEWAY_FRIEND)
+    address = lab.address(inside)
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline:
+        recipients = [r for e in listing(_agent["gateway"]) for r in e["recipients"]]
+        if any(r["address"] == address and r["peer"] in (None, server_address) for r in recipients):
+            return
+        time.sleep(0.02)
+    raise AssertionError("%s was not detected within 3 s" % inside)
 
 
 def listing(agent):
@@ -80,14 +95,18 @@ def test_control_connection_makes_its_sender_the_recipient_until_idle(gateway, s
 
 
 def test_further_control_traffic_refreshes_the_recipient(gateway, seed_lab):
-    gateway.masqctl("autofw", "-A", "-r", "udp", "6970", "7170", "-c", "tcp", "7070", "-t", "2")
+    gateway.masqctl("autofw", "-A", "-r", "udp", "6970", "7170", "-c", "tcp", "7070", "-t", "3")
     with probes.serve_identity(seed_lab, "client", 7070), probes.serve_identity(seed_lab, "web1", 6970, "udp"):
+        first = time.monotonic()
         control(seed_lab, "web1", SERVER_1)
-        time.sleep(1.2)
-        control(seed_lab, "web1", SERVER_1)   # refresh, before the 2 s run out
-        time.sleep(1.2)                       # 2.4 s after the first: alive thanks to the refresh
+        time.sleep(2.0)
+        control(seed_lab, "web1", SERVER_1)   # refresh, before the 3 s run out
+        refreshed = time.monotonic()
+        time.sleep(3.2 - (refreshed - first))  # past 3 s after the first: alive thanks to the refresh
+        assert time.monotonic() - first > 3.0
         assert udp_from(seed_lab, "client", GATEWAY_EXT) == ["web1"]
-        time.sleep(2.3)
+        assert listing(gateway)[0]["expires"] <= 2
+        time.sleep(max(0.0, refreshed + 3.3 - time.monotonic()))
         assert udp_from(seed_lab, "client", GATEWAY_EXT) == [None]
 
 

@@ -136,6 +136,12 @@ class Writer(threading.Thread):
                 op, args, new = self.next_change()
                 self.pending = (self.revision + 1, new)
                 response = client.request(op, table="portfw", **args)
+                if not response["changed"] and new == self.table:
+                    self.pending = None  # a `set` to what is there already: no commit
+                    if response["revision"] != self.revision:
+                        self.failure = "unchanged %s moved the revision to %s" % (op, response["revision"])
+                        return
+                    continue
                 if response["revision"] != self.revision + 1:
                     self.failure = "%s acknowledged revision %s, expected %d" % (
                         op, response["revision"], self.revision + 1)

@@ -164,7 +164,8 @@ def test_masquerade_canonical():
                                              "source_ports": [80, "8000-8080"], "output_interface": "wan0"})
     assert e == {"name": "web", "source": "10.16.0.27/32", "source_invert": False, "destination": None,
                  "destination_invert": False, "protocol": "tcp", "source_ports": [80, "8000-8080"],
-                 "destination_ports": None, "output_interface": "wan0"}
+                 "destination_ports": None, "output_interface": "wan0", "pool": None, "pool_ports": None,
+                 "helpers": None}
 
 
 def test_table_duplicates_and_cap(monkeypatch):

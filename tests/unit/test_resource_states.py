@@ -64,7 +64,7 @@ def test_merged_replaces_the_backends_list_whole_in_the_given_order():
 
 def test_merged_keeps_fields_not_given():
     current = [{"protocol": "udp", "low_port": 6970, "high_port": 7170, "hidden_host": None,
-                "control_protocol": "tcp", "control_port": 7070, "timeout": 60}]
+                "control_protocol": "tcp", "control_port": 7070, "timeout": 60, "keyed_by_peer": False}]
     given = {"protocol": "udp", "low_port": 6970, "high_port": 7170, "hidden_host": None,
              "control_protocol": None, "control_port": 7071, "timeout": None}
     after = r.desired_table("autofw", "merged", [given], current)
@@ -73,11 +73,11 @@ def test_merged_keeps_fields_not_given():
 
 def test_merged_switching_autofw_to_a_hidden_host_drops_the_control_port():
     current = [{"protocol": "udp", "low_port": 6970, "high_port": 7170, "hidden_host": None,
-                "control_protocol": "tcp", "control_port": 7070, "timeout": 60}]
+                "control_protocol": "tcp", "control_port": 7070, "timeout": 60, "keyed_by_peer": False}]
     given = {"protocol": "udp", "low_port": 6970, "high_port": 7170, "hidden_host": "10.16.0.27"}
     after = r.desired_table("autofw", "merged", [given], current)
     assert after == [{"protocol": "udp", "low_port": 6970, "high_port": 7170, "hidden_host": "10.16.0.27",
-                      "control_protocol": None, "control_port": None, "timeout": 60}]
+                      "control_protocol": None, "control_port": None, "timeout": 60, "keyed_by_peer": False}]
 
 
 def test_merged_new_key_without_backends_names_the_field():

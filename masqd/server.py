@@ -21,7 +21,7 @@ import threading
 
 log = logging.getLogger("masqd.server")
 
-MAX_REQUEST = 1 << 20          # bytes, newline excluded
+MAX_REQUEST = 32 << 20         # bytes, newline excluded: a 200,000-key `set` (~28 MiB) fits
 MAX_DEPTH = 32                 # JSON nesting levels
 MAX_CONNECTIONS = 64
 MAX_DISCARD = 64 << 20         # an oversized request is skipped up to this much, then hung up

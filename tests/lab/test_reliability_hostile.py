@@ -18,7 +18,6 @@ import shutil
 import socket
 import stat
 import string
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,6 +32,7 @@ from test_masqd_agent import PYTHON, VENV_BIN, Agent, unprivileged_user  # noqa:
 
 from ipmasq_lab import probes  # noqa: E402
 from masqd.client import Client  # noqa: E402
+from masqd.server import MAX_DISCARD, MAX_REQUEST  # noqa: E402
 
 pytestmark = pytest.mark.lab
 
@@ -265,25 +265,27 @@ def test_every_interface_character_is_refused_or_applied_literally(hostile):
 def test_size_caps(hostile):
     raw = Raw(hostile.socket, timeout=60)
     before = snapshot(hostile)
-    # request size: 1 MiB is the limit; the connection stays usable after a refusal
-    big = {"op": "set", "table": "marks", "entries": [], "pad": "x" * (1 << 20)}
+    # request size: MAX_REQUEST is the limit; the connection stays usable after a refusal
+    big = {"op": "set", "table": "marks", "entries": [], "pad": "x" * MAX_REQUEST}
     response = raw.send(json.dumps(big).encode() + b"\n")
     assert_refused(response)
-    assert response["error"]["field"] == "request" and "larger than 1048576 bytes" in response["error"]["message"]
+    assert response["error"]["field"] == "request"
+    assert "larger than %d bytes" % MAX_REQUEST in response["error"]["message"]
     assert raw.send(b'{"op": "status"}\n')["ok"] is True
     raw.close()
-    # beyond the discard bound (64 MiB) the agent hangs up instead of reading forever
+    # beyond the request cap plus the discard bound the agent hangs up instead of reading forever
+    bound = MAX_REQUEST + MAX_DISCARD
     flood = Raw(hostile.socket, timeout=60)
     chunk = b"x" * (1 << 20)
     sent = 0
     try:
-        while sent < (80 << 20):
+        while sent < bound + (32 << 20):
             flood.sock.sendall(chunk)
             sent += len(chunk)
     except (BrokenPipeError, ConnectionResetError):
         pass
     flood.close()
-    assert sent <= (70 << 20), "the agent read %d MiB of a single request" % (sent >> 20)
+    assert sent <= bound + (8 << 20), "the agent read %d MiB of a single request" % (sent >> 20)
     # table caps (docs/agent-api.md)
     caps = [
         ("marks", [dict(VALID["marks"], name="m%d" % i) for i in range(1025)], "entries", "1024"),

@@ -1,0 +1,272 @@
+"""Fleet lab: N gateway namespaces, each with its own client and server, converged by
+ONE run of playbooks/site.yml (the gateway role + each gateway's tables, the product
+path: the role installs and starts masqd in every namespace), verified with real
+connections, then converged again, which must change nothing.
+
+    python -m bench.fleet_lab [--gateways 20] [--forks 10] [--serial 100%] [--timeout S]
+
+Per gateway I (0-based), all in one lab:
+
+    cI  198.51.100.4I+2/30 -- eth0 198.51.100.4I+1/30 [gwI] eth1 10.40.I.1/24 -- sI 10.40.I.10/24
+
+(gateways 64..127 take their /30 from 203.0.113.0/24). gwI's tables: PORTFW tcp
+<eth0 address>:80 -> sI:80 and one masquerade rule for 10.40.I.0/24. Forwarding starts
+off: the role turns it on. The probe: an identity server on sI:80, connections from cI
+to gwI's external address, each must be answered by sI and show cI's own address
+(PORTFW keeps the client's address); and one connection from sI to an identity server
+on cI, which must see gwI's external address (the masquerade rule).
+
+Everything is bounded (ansible-playbook, probes, identity servers' lifetime) and the
+lab, with every agent the role started in it and its file area, is torn down on every
+path (ipmasq_lab's context manager, also on Ctrl-C/SIGTERM).
+"""
+
+import argparse
+import concurrent.futures
+import ipaddress
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import yaml
+
+from bench import common
+from bench.common import REPO, log
+
+DEFAULT_GATEWAYS = 20
+MAX_GATEWAYS = 128          # 64 /30s in each of 198.51.100.0/24 and 203.0.113.0/24
+SITE = os.path.join(REPO, "playbooks", "site.yml")
+LAB_INVENTORY = os.path.join(REPO, "inventory", "lab.yml")
+PORT = 80                   # the forwarded web port (gateway and server)
+CLIENT_PORT = 8080          # the identity server on the client (masquerade probe)
+PROBE_CONNECTIONS = 3
+
+
+def addresses(i):
+    """Addresses of fleet member i: the external /30 link and the inside /24."""
+    outside = ipaddress.ip_network(("198.51.100.0" if i < 64 else "203.0.113.0") + "/24")
+    base = outside.network_address + 4 * (i % 64)
+    return {"gateway_out": str(base + 1), "client": str(base + 2),
+            "gateway_in": "10.40.%d.1" % i, "server": "10.40.%d.10" % i,
+            "inside_net": "10.40.%d.0/24" % i}
+
+
+def fleet_spec(n):
+    """The lab spec: gwI, cI, sI for I in 0..n-1, two veth links each."""
+    if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= MAX_GATEWAYS:
+        raise ValueError("gateways=%r: must be an integer from 1 to %d" % (n, MAX_GATEWAYS))
+    hosts, links = {}, []
+    for i in range(n):
+        a = addresses(i)
+        hosts["gw%d" % i] = {"interfaces": {"eth0": {"addresses": [a["gateway_out"] + "/30"]},
+                                            "eth1": {"addresses": [a["gateway_in"] + "/24"]}}}
+        # The client needs no route: every answer it gets comes from gwI's address on its link.
+        hosts["c%d" % i] = {"interfaces": {"eth0": {"addresses": [a["client"] + "/30"]}}}
+        hosts["s%d" % i] = {"interfaces": {"eth0": {"addresses": [a["server"] + "/24"]}},
+                            "routes": [{"to": "default", "via": a["gateway_in"]}]}
+        links += [["c%d:eth0" % i, "gw%d:eth0" % i], ["gw%d:eth1" % i, "s%d:eth0" % i]]
+    return {"name": "fleet", "description": "%d gateways, each with a client and a server" % n,
+            "hosts": hosts, "links": links}
+
+
+def tables(i):
+    """gwI's desired tables (the gateway role's variables)."""
+    a = addresses(i)
+    return {"gateway_portfw": [{"protocol": "tcp", "local_address": a["gateway_out"], "local_port": PORT,
+                                "backends": [{"address": a["server"], "port": PORT}]}],
+            "gateway_masquerade": [{"name": "inside", "source": a["inside_net"]}]}
+
+
+def inventory(prefix, n):
+    """Group `gateways`: one host per gateway namespace, its agent's files under the lab's
+    file area exactly as inventory/lab.yml lays them out (its gateway vars are reused
+    verbatim), and its own tables as host vars."""
+    with open(LAB_INVENTORY) as f:
+        lab_inv = yaml.safe_load(f)["all"]["children"]["lab"]
+    hosts = {}
+    for i in range(n):
+        host = "gw%d" % i
+        hosts[host] = dict({"ansible_host": "%s-%s" % (prefix, host),
+                            "lab_run_dir": "/run/ipmasq-lab/%s/%s" % (prefix, host)}, **tables(i))
+    group_vars = dict(lab_inv["vars"], **lab_inv["children"]["gateways"]["vars"])
+    return {"all": {"children": {"gateways": {"hosts": hosts, "vars": group_vars}}}}
+
+
+RECAP_LINE = re.compile(r"^(\S+)\s*:\s*(ok=.*)$")
+
+
+def recap(stdout):
+    """PLAY RECAP -> {host: {"ok": int, "changed": int, "failed": int, ...}}."""
+    out = {}
+    for line in stdout.split("PLAY RECAP", 1)[-1].splitlines():
+        m = RECAP_LINE.match(line.strip())
+        if m:
+            out[m.group(1)] = {k: int(v) for k, v in (kv.split("=", 1) for kv in m.group(2).split())}
+    return out
+
+
+def ansible_env(forks):
+    env = dict(os.environ)
+    env.setdefault("ANSIBLE_COLLECTIONS_PATH", os.path.join(REPO, ".venv", "collections"))
+    env.update({"ANSIBLE_FORKS": str(forks), "ANSIBLE_PIPELINING": "1", "ANSIBLE_NOCOLOR": "1",
+                "ANSIBLE_STDOUT_CALLBACK": "default", "ANSIBLE_HOST_KEY_CHECKING": "0",
+                "ANSIBLE_RETRY_FILES_ENABLED": "0", "ANSIBLE_DEPRECATION_WARNINGS": "0"})
+    return env
+
+
+def converge(inventory_path, extra, forks, timeout):
+    """One `ansible-playbook playbooks/site.yml` run, killed (its whole process group)
+    after `timeout` s; returns (wall seconds, per-host recap). Raises on failure."""
+    argv = [os.path.join(common.VENV_BIN, "ansible-playbook"), "-i", inventory_path, SITE, "-e", json.dumps(extra)]
+    t0 = time.monotonic()
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=ansible_env(forks), cwd=REPO, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise RuntimeError("ansible-playbook site.yml did not finish within %d s" % timeout) from None
+    except BaseException:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        raise
+    seconds = time.monotonic() - t0
+    hosts = recap(stdout)
+    bad = [h for h, r in hosts.items() if r.get("failed") or r.get("unreachable")]
+    if proc.returncode != 0 or bad or not hosts:
+        raise RuntimeError("ansible-playbook site.yml failed (rc %d, hosts %s):\n%s\n%s"
+                           % (proc.returncode, bad, stdout[-3000:], stderr[-1500:]))
+    return seconds, hosts
+
+
+def probe(lab, i):
+    """gwI's PORTFW and masquerade rule, with real connections (identity servers up)."""
+    from ipmasq_lab import probes
+    a = addresses(i)
+    t0 = time.monotonic()
+    conns = probes.connect_many(lab, "c%d" % i, a["gateway_out"], PORT, count=PROBE_CONNECTIONS, timeout=2.0)
+    portfw_ok = all(c.ok and c.backend == "s%d" % i and c.seen_source_address == a["client"]
+                    and (c.seen_destination_address, c.seen_destination_port) == (a["server"], PORT)
+                    for c in conns)
+    out = probes.connect_many(lab, "s%d" % i, a["client"], CLIENT_PORT, count=1, timeout=2.0)[0]
+    masq_ok = out.ok and out.backend == "c%d" % i and out.seen_source_address == a["gateway_out"]
+    return {"gateway": "gw%d" % i, "ok": portfw_ok and masq_ok, "portfw_ok": portfw_ok,
+            "masquerade_ok": masq_ok, "backends": [c.backend for c in conns],
+            "seen_sources": sorted({c.seen_source_address for c in conns if c.seen_source_address}),
+            "errors": [c.error for c in conns + [out] if c.error],
+            "masquerade_seen_source": out.seen_source_address,
+            "seconds": round(time.monotonic() - t0, 3)}
+
+
+def fleet_lab(n=DEFAULT_GATEWAYS, forks=10, serial=None, timeout=None):
+    """Build, converge, probe, re-converge, tear down; returns the result document."""
+    import ipmasq_lab
+    from ipmasq_lab import probes, registry
+    spec = fleet_spec(n)
+    timeout = timeout or max(600, 30 * n)
+    extra = {"rollout_serial": int(serial) if str(serial).isdigit() else serial} if serial else {}
+    t0 = time.monotonic()
+    with ipmasq_lab.lab(spec) as lab:
+        files = registry.files_dir(lab.prefix)
+        try:
+            lab_up_s = time.monotonic() - t0
+            log("fleet lab %s up: %d gateways, %d namespaces in %.1f s", lab.prefix, n, len(lab.hosts), lab_up_s)
+            os.makedirs(files, exist_ok=True)
+            inv = os.path.join(files, "fleet-inventory.yml")
+            with open(inv, "w") as f:
+                yaml.safe_dump(inventory(lab.prefix, n), f, sort_keys=False)
+
+            # Servers first: site.yml's post-change check connects to every PORTFW backend.
+            t = time.monotonic()
+            for i in range(n):
+                probes.serve_identity(lab, "s%d" % i, PORT, lifetime=3 * timeout)
+                probes.serve_identity(lab, "c%d" % i, CLIENT_PORT, lifetime=3 * timeout)
+            servers_s = time.monotonic() - t
+
+            first_s, first = converge(inv, extra, forks, timeout)
+            log("first run: %.1f s, changed %d", first_s, sum(r["changed"] for r in first.values()))
+
+            t = time.monotonic()
+            with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
+                checks = list(pool.map(lambda i: probe(lab, i), range(n)))
+            probe_s = time.monotonic() - t
+            log("probes: %d/%d gateways ok in %.1f s", sum(c["ok"] for c in checks), n, probe_s)
+
+            rerun_s, rerun = converge(inv, extra, forks, timeout)
+            log("re-run: %.1f s, changed %d", rerun_s, sum(r["changed"] for r in rerun.values()))
+        finally:
+            lab.down()   # kills every agent the role started in the lab's namespaces
+            shutil.rmtree(files, ignore_errors=True)
+
+    rows = [{"gateway": h, "first_changed": first[h]["changed"], "rerun_changed": rerun.get(h, {}).get("changed"),
+             "probe": next(c for c in checks if c["gateway"] == h)}
+            for h in sorted(first, key=lambda h: int(h[2:]))]
+    return {
+        "method": {"gateways": n, "namespaces": 3 * n, "forks": forks,
+                   "rollout_serial": serial or "site.yml default [1, '25%', '100%']",
+                   "playbook": "playbooks/site.yml (gateway role + tables + post-change check)",
+                   "connection": "ipmasq.gateway.netns", "pipelining": True,
+                   "tables_per_gateway": "1 PORTFW key + 1 masquerade rule",
+                   "probe": "%d connections cI -> gwI:%d (answered by sI, cI's address kept) + 1 "
+                            "connection sI -> cI:%d (gwI's address seen)" % (PROBE_CONNECTIONS, PORT, CLIENT_PORT),
+                   "timing": "ansible-playbook wall time, start-up included; timeout %d s" % timeout},
+        "summary": {"first_s": first_s, "rerun_s": rerun_s,
+                    "per_gateway_first_s": first_s / n, "per_gateway_rerun_s": rerun_s / n,
+                    "first_changed": sum(r["changed"] for r in first.values()),
+                    "rerun_changed": sum(r["changed"] for r in rerun.values()),
+                    "probes_ok": sum(c["ok"] for c in checks), "lab_up_s": lab_up_s,
+                    "servers_start_s": servers_s, "probe_s": probe_s},
+        "gateways": rows,
+        "targets": {
+            "every gateway converged by one site.yml run": len(first) == n,
+            "every gateway's probe passes (PORTFW to its own server, client address kept; masquerade)":
+                all(c["ok"] for c in checks),
+            "re-run reports changed=0 on every gateway": len(rerun) == n and all(
+                r["changed"] == 0 for r in rerun.values()),
+        },
+    }
+
+
+def run(quick=False):
+    """bench.run's interface: 10 gateways in quick mode, else DEFAULT_GATEWAYS."""
+    return fleet_lab(10 if quick else DEFAULT_GATEWAYS)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m bench.fleet_lab", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--gateways", type=int, default=DEFAULT_GATEWAYS, help="fleet size (1-%d)" % MAX_GATEWAYS)
+    parser.add_argument("--forks", type=int, default=10, help="ansible forks (default 10)")
+    parser.add_argument("--serial", default=None,
+                        help="rollout_serial for site.yml (e.g. 100%%); default: site.yml's own batches")
+    parser.add_argument("--timeout", type=int, default=None, help="seconds per ansible-playbook run")
+    parser.add_argument("--no-report", action="store_true", help="do not regenerate bench/REPORT.md")
+    args = parser.parse_args(argv)
+    if not 1 <= args.gateways <= MAX_GATEWAYS:
+        parser.error("--gateways %d: must be from 1 to %d" % (args.gateways, MAX_GATEWAYS))
+    if args.forks < 1:
+        parser.error("--forks %d: must be at least 1" % args.forks)
+    if os.geteuid() != 0:
+        parser.error("must run as root (namespaces, nftables)")
+    t0 = time.monotonic()
+    data = fleet_lab(args.gateways, args.forks, args.serial, args.timeout)
+    data["wall_s"] = time.monotonic() - t0
+    common.write_result("fleet_lab", False, data)
+    s = data["summary"]
+    print("fleet lab, %d gateways: first run %.1f s (%.2f s/gateway, changed %d), re-run %.1f s "
+          "(changed %d), probes ok %d/%d" % (args.gateways, s["first_s"], s["per_gateway_first_s"],
+                                             s["first_changed"], s["rerun_s"], s["rerun_changed"],
+                                             s["probes_ok"], args.gateways))
+    if not args.no_report:
+        from bench import report
+        report.main()
+    return 0 if all(data["targets"].values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -203,7 +203,7 @@ class Lab:
         if self._explicit_prefix and registry.read(self.prefix) is not None:
             raise LabError("a lab with prefix %s is already up (ipmasq-lab down %s)"
                            % (self.prefix, self.prefix))
-        for _ in range(16):
+        for _attempt in range(16):
             busy = [ns for ns in self.namespaces if topology.exists(ns)]
             if not busy:
                 try:

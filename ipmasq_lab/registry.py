@@ -27,7 +27,7 @@ PREFIX_RE = re.compile(r"^[a-z][a-z0-9]{1,11}$")
 def check_prefix(prefix):
     if not isinstance(prefix, str) or not PREFIX_RE.match(prefix):
         raise LabError("prefix %r is not a lab prefix (2-12 lowercase letters and "
-                            "digits, starting with a letter, e.g. ml3fa09c)" % (prefix,))
+                       "digits, starting with a letter, e.g. ml3fa09c)" % (prefix,))
     return prefix
 
 
@@ -76,7 +76,7 @@ def reserve(prefix, spec, namespaces):
             os.close(os.open(_path(prefix), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
         except FileExistsError:
             raise LabError("a lab with prefix %s is already recorded in %s"
-                                % (prefix, RUN_DIR)) from None
+                           % (prefix, RUN_DIR)) from None
         _write(prefix, record)
     return record
 

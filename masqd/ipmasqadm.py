@@ -435,7 +435,7 @@ def parse_portfw(argv, lookup=None):
 
 def _host_address(resolve, module, value, what):
     """RADDR, with an optional host-length /32 (/128) as in the seed's mfw lines."""
-    address, _, prefix = value.partition("/")
+    address, _slash, prefix = value.partition("/")
     resolved = resolve.address(address, what)
     if prefix:
         full = 32 if ipaddress.ip_address(resolved).version == 4 else 128
@@ -565,7 +565,7 @@ def _ports(resolve, module, value, what):
         if separator is None:
             ports.append(resolve.port(part, what))
             continue
-        low, _, high = part.partition(separator)
+        low, _separator, high = part.partition(separator)
         low = resolve.port(low, what) if low else 1
         high = resolve.port(high, what) if high else 65535
         ports.append(low if low == high else "%d-%d" % (low, high))

@@ -210,7 +210,7 @@ class Server:
         selector.register(self._wake_r, selectors.EVENT_READ)
         try:
             while not self._stopping:
-                for key, _ in selector.select():
+                for key, _events in selector.select():
                     if key.fileobj is self._listener and not self._stopping:
                         self._accept()
         finally:
@@ -227,7 +227,7 @@ class Server:
 
     def _accept(self):
         try:
-            conn, _ = self._listener.accept()
+            conn, _peer = self._listener.accept()
         except (BlockingIOError, InterruptedError):
             return
         conn.setblocking(True)

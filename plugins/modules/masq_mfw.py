@@ -201,7 +201,6 @@ from ansible.module_utils.basic import AnsibleModule
 from ansible_collections.ipmasq.gateway.plugins.module_utils.masqd_client import MasqdClient, MasqdError
 from ansible_collections.ipmasq.gateway.plugins.module_utils.resource import (
     ConfigError,
-    normalize_table,
     schedule_order,
     scheduled,
     table_text,

@@ -93,7 +93,7 @@ def test_role_is_idempotent_runs_the_agent_in_the_namespace_and_restarts_it(tmp_
     with open(deployed, "a") as handle:
         handle.write("# local edit\n")
 
-    proc, _ = playbook(tmp_path, env, ROLE_PLAY, prefix)
+    proc, _document = playbook(tmp_path, env, ROLE_PLAY, prefix)
     assert proc.returncode == 0, proc.stdout[-4000:]
     after = agent_pid(prefix)
     assert after != before

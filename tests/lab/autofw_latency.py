@@ -79,7 +79,7 @@ def measure_detection_latency(lab, agent_socket, interval=0.001, duration=3.0, s
     results = []
     with probes.serve_identity(lab, server, control_port), \
             probes.serve_identity(lab, inside, low_port, "udp"):
-        for _ in range(samples):
+        for _sample in range(samples):
             # a fresh entry each round: no recipient left from the previous one
             masqctl("autofw", "-A", "-r", "udp", str(low_port), str(high_port),
                     "-c", "tcp", str(control_port), "-t", "30")
@@ -92,7 +92,7 @@ def measure_detection_latency(lab, agent_socket, interval=0.001, duration=3.0, s
                 control = lab.run(inside, [PYTHON, "-c", _CONTROL, server_address, str(control_port)],
                                   timeout=10, check=True)
                 started = float(control.stdout.split()[0])
-                out, _ = blaster.communicate(timeout=duration + 5)
+                out, _stderr = blaster.communicate(timeout=duration + 5)
             finally:
                 if blaster.poll() is None:
                     blaster.kill()

@@ -51,13 +51,13 @@ def cmd_echo(host, port, lifetime):
 
     print(json.dumps({"ready": True}), flush=True)
     while time.monotonic() < deadline:
-        ready, _, _ = select.select([udp, tcp], [], [], 0.5)
+        ready, _writable, _exceptional = select.select([udp, tcp], [], [], 0.5)
         for sock in ready:
             if sock is udp:
                 data, peer = udp.recvfrom(65535)
                 udp.sendto(prefix + data, peer)
             else:
-                conn, _ = tcp.accept()
+                conn, _peer = tcp.accept()
                 threading.Thread(target=serve, args=(conn,), daemon=True).start()
 
 
@@ -78,7 +78,7 @@ def cmd_stream(proto, dst, port, rate, max_seconds):
     sock.settimeout(0.2)
 
     def note(line):
-        host, _, seq = line.decode().strip().partition(" ")
+        host, _space, seq = line.decode().strip().partition(" ")
         echoed.add(int(seq))
         backends[host] = backends.get(host, 0) + 1
         ready.set()
@@ -167,7 +167,7 @@ def _ready(proc, timeout, what):
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise AssertionError("%s exited %s: %s" % (what, proc.returncode, proc.stderr.read()))
-        ready, _, _ = select.select([proc.stdout], [], [], 0.1)
+        ready, _writable, _exceptional = select.select([proc.stdout], [], [], 0.1)
         if ready:
             line = proc.stdout.readline()
             if line:

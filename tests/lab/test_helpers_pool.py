@@ -219,7 +219,7 @@ def playbook(lab, agent, tmp, env, tasks):
                          "module_defaults": {"group/ipmasq.gateway.masq": {"socket": agent.socket}},
                          "tasks": tasks}], handle, sort_keys=False)
     proc = subprocess.run(["ansible-playbook", "-i", inventory, path], env=env, capture_output=True,
-                          text=True, timeout=180)
+                          text=True, timeout=180, check=False)
     assert "{" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-2000:]
     document = json.loads(proc.stdout[proc.stdout.find("{"):])
     results = [(t["task"]["name"], next(iter(t["hosts"].values())))

@@ -84,7 +84,7 @@ class Agent:
 
     def state_bytes(self):
         files = {}
-        for root, _, names in os.walk(self.state_dir):
+        for root, _dirs, names in os.walk(self.state_dir):
             for name in names:
                 path = os.path.join(root, name)
                 with open(path, "rb") as handle:
@@ -132,7 +132,8 @@ def test_seed_portfw_lines_program_the_namespace(agent):
     table = agent.table()
     assert "10.16.0.27" in table and "10.16.0.28" in table
     # the root namespace has no masqd table: the agent only touched its own namespace
-    root = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True, timeout=10).stdout
+    root = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True, timeout=10,
+                          check=True).stdout
     assert "masqd" not in root
     status = agent.masqctl("status").stdout
     assert "portfw:     1 entries" in status and "masquerade: 2 entries" in status

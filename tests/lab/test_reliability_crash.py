@@ -319,7 +319,7 @@ def test_full_disk_and_read_only_state_dir_fail_cleanly(seed_lab, workdir):
             before_kernel, before_files = kernel_table(seed_lab), agent.files()
             with pytest.raises(MasqdError) as refused:
                 client.request("delete", table="portfw", entry={"protocol": "tcp", "local_address": GW,
-                                                                 "local_port": 443})
+                                                                "local_port": 443})
             assert refused.value.field == "state_dir" and "Read-only file system" in refused.value.message
             assert canonical_table(kernel_table(seed_lab)) == canonical_table(before_kernel)
             assert agent.files() == before_files

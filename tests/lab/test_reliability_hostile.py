@@ -210,7 +210,7 @@ SETTINGS = settings(max_examples=int(os.environ.get("MASQD_FUZZ_EXAMPLES", 200))
 json_leaf = st.none() | st.booleans() | st.integers(-2**64, 2**64) | st.floats() | st.text(max_size=30) | \
     st.sampled_from(HOSTILE)
 json_any = st.recursive(json_leaf, lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=10), c,
-                                                                                        max_size=3), max_leaves=12)
+                                                                                       max_size=3), max_leaves=12)
 live_requests = st.fixed_dictionaries({"op": st.sampled_from(["add", "insert", "edit", "delete", "flush", "set",
                                                               "plan", "schedule", "bogus"])}, optional={
     "table": st.sampled_from(sorted(VALID)) | json_leaf, "entry": json_any,
@@ -306,7 +306,7 @@ def test_size_caps(hostile):
             assert envelope["error"]["field"] == field, (table, envelope["error"])
             assert limit in envelope["error"]["message"], envelope["error"]
     # connections: at most 64 at once; the 65th is told so, the agent keeps serving
-    held = [Raw(hostile.socket) for _ in range(64)]
+    held = [Raw(hostile.socket) for _slot in range(64)]
     try:
         time.sleep(0.2)
         extra = Raw(hostile.socket)

@@ -54,7 +54,7 @@ class Ping:
     def finish(self):
         time.sleep(0.2)
         self.proc.send_signal(signal.SIGINT)
-        out, _ = self.proc.communicate(timeout=10)
+        out, _stderr = self.proc.communicate(timeout=10)
         sent, received = re.search(r"(\d+) packets transmitted, (\d+) received", out).groups()
         return {"sent": int(sent), "lost": int(sent) - int(received)}
 
@@ -197,7 +197,7 @@ def test_flows_survive_gateway_role_reruns_and_a_kill(seed_lab, tmp_path):
     def role():
         proc = subprocess.run(["ansible-playbook", "-i", os.path.join(REPO, "inventory", "lab.yml"),
                                "-e", "lab_prefix=" + prefix, "-e", tables, str(play)],
-                              env=env, capture_output=True, text=True, timeout=180)
+                              env=env, capture_output=True, text=True, timeout=180, check=False)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
         return proc.stdout
 

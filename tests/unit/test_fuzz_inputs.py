@@ -331,13 +331,13 @@ option_values = {
     "mark": hostile_int, "timeout": hostile_int,
     "source_ports": st.lists(hostile_text | hostile_int.map(str), max_size=3),
     "backends": st.lists(st.fixed_dictionaries({}, optional={"address": hostile_text, "port": hostile_int,
-                                                            "pref": hostile_int}), max_size=3),
+                                                             "pref": hostile_int}), max_size=3),
 }
 
 
 @SETTINGS
 @given(st.sampled_from(sorted(STRING_FIELDS)), st.sampled_from(["merged", "replaced", "overridden", "deleted",
-                                                                 "rendered"]),
+                                                                "rendered"]),
        st.lists(st.fixed_dictionaries({}, optional=option_values), max_size=3))
 def test_module_option_checking_only_raises_config_errors(table, state, config):
     """check_config + desired_table (what every masq_* module runs before it asks the
@@ -390,4 +390,3 @@ def test_masqd_never_runs_a_shell_or_subprocess():
                     if banned.search(code):
                         hits.append("masqd/%s:%d: %s" % (name, number, line.strip()))
     assert not hits, hits
-

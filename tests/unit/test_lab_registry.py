@@ -54,6 +54,6 @@ def test_bad_prefix_refused(prefix):
 
 
 def test_new_prefixes_are_valid_and_distinct():
-    prefixes = {registry.new_prefix() for _ in range(50)}
+    prefixes = {registry.new_prefix() for _attempt in range(50)}
     assert len(prefixes) > 45
     assert all(registry.check_prefix(p).startswith("ml") and len(p) == 8 for p in prefixes)

@@ -51,7 +51,7 @@ def test_write_sends_the_parsed_request_and_is_silent():
 
 
 def test_json_prints_the_envelope():
-    code, out, _, _ = run(["mfw", "-F", "--json"])
+    code, out, _err, _client = run(["mfw", "-F", "--json"])
     assert code == 0 and json.loads(out) == {"ok": True, "revision": 2, "changed": True, "result": {}}
 
 
@@ -69,36 +69,36 @@ def test_help_is_printed_on_stdout_with_exit_0():
 
 
 def test_unknown_module_prints_masqctl_usage():
-    code, _, err, _ = run(["ipfwadm", "-A"])
+    code, _out, err, _client = run(["ipfwadm", "-A"])
     assert code == 2 and "unknown module 'ipfwadm'" in err and "Usage: masqctl" in err
 
 
 def test_refusal_names_field_and_value_and_exits_1():
     refusal = MasqdError("entry.backends[0].port", 70000, "port must be 1-65535")
-    code, _, err, _ = run(["portfw", "-a", "-P", "tcp", "-L", "198.51.100.1", "80", "-R", "10.16.0.27",
-                           "70000"], {"add": refusal})
+    code, _out, err, _client = run(["portfw", "-a", "-P", "tcp", "-L", "198.51.100.1", "80", "-R", "10.16.0.27",
+                                   "70000"], {"add": refusal})
     assert code == 1
     assert err == "masqctl portfw: entry.backends[0].port=70000: port must be 1-65535\n"
 
 
 def test_agent_unavailable_exits_1_with_its_message():
-    code, _, err, _ = run(["status"], {"status": AgentUnavailable("masqd is not running at /x: start it")})
+    code, _out, err, _client = run(["status"], {"status": AgentUnavailable("masqd is not running at /x: start it")})
     assert code == 1 and err == "masqctl: masqd is not running at /x: start it\n"
 
 
 def test_listing_uses_the_list_op():
     entries = [{"mark": 1, "backends": [{"address": "10.16.0.3", "port": None, "pref": 0, "pcnt": 0}]}]
-    code, out, _, client = run(["mfw", "-L", "-n"], {"list": {"ok": True, "result": {"entries": entries}}})
+    code, out, _err, client = run(["mfw", "-L", "-n"], {"list": {"ok": True, "result": {"entries": entries}}})
     assert code == 0 and client.sent == [{"op": "list", "table": "mfw"}]
     assert out.splitlines()[1].split() == ["1", "10.16.0.3", "any", "0", "0"]
-    code, out, _, _ = run(["mfw", "-L", "--json"], {"list": {"ok": True, "result": {"entries": entries}}})
+    code, out, _err, _client = run(["mfw", "-L", "--json"], {"list": {"ok": True, "result": {"entries": entries}}})
     assert json.loads(out) == {"entries": entries}
 
 
 def test_insert_of_a_mark_rule_reads_the_table_then_sets_it_with_the_revision():
     current = [{"name": "friend", "mark": 1, "source": "203.0.113.0/24"}]
-    code, _, _, client = run(["mark", "-I", "input", "-s", "!", "203.0.113.0/24", "-m", "3"],
-                             {"get": {"ok": True, "revision": 7, "result": {"entries": current}}})
+    code, _out, _err, client = run(["mark", "-I", "input", "-s", "!", "203.0.113.0/24", "-m", "3"],
+                                   {"get": {"ok": True, "revision": 7, "result": {"entries": current}}})
     assert code == 0
     assert client.sent[0] == {"op": "get", "table": "marks"}
     final = client.sent[1]
@@ -107,14 +107,14 @@ def test_insert_of_a_mark_rule_reads_the_table_then_sets_it_with_the_revision():
 
 
 def test_state_error_exits_1():
-    code, _, err, _ = run(["mfw", "-E", "-m", "9", "-p", "0"],
-                          {"get": {"ok": True, "revision": 1, "result": {"entries": []}}})
+    code, _out, err, _client = run(["mfw", "-E", "-m", "9", "-p", "0"],
+                                   {"get": {"ok": True, "revision": 1, "result": {"entries": []}}})
     assert code == 1 and "fwmark 9 has no entries" in err
 
 
 def test_status_text():
     status = {"ok": True, "result": {"version": "0.1.0", "revision": 1, "tables": {"portfw": 0}}}
-    code, out, _, _ = run(["status"], {"status": status})
+    code, out, _err, _client = run(["status"], {"status": status})
     assert code == 0 and out.startswith("masqd 0.1.0, revision 1\n")
     assert run(["status", "extra"])[0] == 2
 

@@ -55,11 +55,11 @@ def raw_exchange(path, payload, read=True):
         if not read:
             return None
         reader = sock.makefile("rb")
-        return [json.loads(reader.readline()) for _ in range(payload.count(b"\n") or 1)]
+        return [json.loads(reader.readline()) for _answer in range(payload.count(b"\n") or 1)]
 
 
 def test_requests_and_responses_share_one_connection(running):
-    _, service, path = running
+    _srv, service, path = running
     with Client(path) as client:
         first = client.request("get", table="portfw")
         second = client.request("flush", table="mfw")
@@ -69,7 +69,7 @@ def test_requests_and_responses_share_one_connection(running):
 
 
 def test_refusal_raises_masqd_error_with_field_and_value(running):
-    _, _, path = running
+    _srv, _service, path = running
     with Client(path) as client, pytest.raises(MasqdError) as caught:
         client.request("fail")
     assert (caught.value.field, caught.value.value) == ("entries[0].port", 70000)
@@ -77,7 +77,7 @@ def test_refusal_raises_masqd_error_with_field_and_value(running):
 
 
 def test_malformed_json_gets_an_error_and_the_connection_lives_on(running):
-    _, service, path = running
+    _srv, service, path = running
     answers = raw_exchange(path, b'{"op": "get",\n[1, 2]\n\xff\xfe\n{"op": "status"}\n')
     assert [a["ok"] for a in answers] == [False, False, False, True]
     assert "malformed JSON" in answers[0]["error"]["message"]
@@ -87,13 +87,13 @@ def test_malformed_json_gets_an_error_and_the_connection_lives_on(running):
 
 
 def test_status_reports_the_socket_it_was_asked_on(running):
-    _, _, path = running
+    _srv, _service, path = running
     with Client(path) as client:
         assert client.request("status")["result"]["socket"] == path
 
 
 def test_request_over_one_mebibyte_is_refused_and_the_next_one_served(running):
-    _, service, path = running
+    _srv, service, path = running
     big = b'{"op": "add", "pad": "' + b"x" * MAX_REQUEST + b'"}\n'
     answers = raw_exchange(path, big + b'{"op": "status"}\n')
     assert answers[0]["ok"] is False and "larger than" in answers[0]["error"]["message"]
@@ -102,7 +102,7 @@ def test_request_over_one_mebibyte_is_refused_and_the_next_one_served(running):
 
 
 def test_deep_nesting_is_refused_before_parsing(running):
-    _, service, path = running
+    _srv, service, path = running
     deep = b'{"op": "set", "entries": ' + b"[" * 5000 + b"]" * 5000 + b"}\n"
     answers = raw_exchange(path, deep)
     assert answers[0]["ok"] is False and "nested deeper" in answers[0]["error"]["message"]
@@ -116,14 +116,14 @@ def test_json_depth_ignores_brackets_inside_strings():
 
 
 def test_a_service_bug_is_an_error_envelope_not_a_dead_agent(running):
-    _, _, path = running
+    _srv, _service, path = running
     answers = raw_exchange(path, b'{"op": "boom"}\n{"op": "status"}\n')
     assert answers[0]["ok"] is False and "internal error" in answers[0]["error"]["message"]
     assert answers[1]["ok"] is True
 
 
 def test_socket_and_directory_modes(running):
-    _, _, path = running
+    _srv, _service, path = running
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
     assert stat.S_IMODE(os.stat(os.path.dirname(path)).st_mode) == 0o700
 
@@ -174,7 +174,7 @@ def test_stale_socket_is_replaced(tmp_path):
 
 
 def test_live_agent_on_the_socket_is_not_replaced(running, tmp_path):
-    _, _, path = running
+    _srv, _service, path = running
     with pytest.raises(ServerError, match="already running"):
         Server(EchoService(), path).prepare()
     # and a foreign program listening there (no lock held) is not replaced either
@@ -243,7 +243,7 @@ def test_authorise_root_self_and_group_members(monkeypatch):
 def test_refused_peer_reads_the_refusal_not_a_broken_pipe(running, monkeypatch):
     srv, service, path = running
     monkeypatch.setattr(srv, "authorise", lambda pid, uid, gid: "uid %d may not use masqd" % uid)
-    for _ in range(5):  # the hang-up races the client's write: never a broken pipe
+    for _attempt in range(5):  # the hang-up races the client's write: never a broken pipe
         with Client(path) as client, pytest.raises(MasqdError) as caught:
             client.request("status")
         assert caught.value.field == "peer" and "may not use masqd" in caught.value.message

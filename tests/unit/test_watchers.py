@@ -14,6 +14,7 @@ from masqd.model import ValidationError
 from masqd.nft import FakeNftables
 from masqd.service import AUTOFW_CONTROL_STATUS, Service
 
+
 def _load_resource():
     """module_utils/resource.py is stdlib-only: load it from its file."""
     path = os.path.join(os.path.dirname(__file__), "..", "..", "plugins", "module_utils", "resource.py")

@@ -3,7 +3,7 @@ ONE run of playbooks/site.yml (the gateway role + each gateway's tables, the pro
 path: the role installs and starts masqd in every namespace), verified with real
 connections, then converged again, which must change nothing.
 
-    python -m bench.fleet_lab [--gateways 20] [--forks 10] [--serial 100%] [--timeout S]
+    python -m bench.fleet_lab [--gateways 20] [--forks 10] [--serial 100%] [--timeout S] [--no-report]
 
 Per gateway I (0-based), all in one lab:
 
@@ -40,8 +40,8 @@ from bench.common import REPO, log
 
 DEFAULT_GATEWAYS = 20
 MAX_GATEWAYS = 128          # 64 /30s in each of 198.51.100.0/24 and 203.0.113.0/24
-SITE = os.path.join(REPO, "playbooks", "site.yml")
-LAB_INVENTORY = os.path.join(REPO, "inventory", "lab.yml")
+# What ansible-playbook needs of the collection (see snapshot()).
+COLLECTION_PARTS = ("galaxy.yml", "meta", "plugins", "roles", "playbooks", "inventory", "masqd")
 PORT = 80                   # the forwarded web port (gateway and server)
 CLIENT_PORT = 8080          # the identity server on the client (masquerade probe)
 PROBE_CONNECTIONS = 3
@@ -82,11 +82,28 @@ def tables(i):
             "gateway_masquerade": [{"name": "inside", "source": a["inside_net"]}]}
 
 
-def inventory(prefix, n):
+def snapshot(dest):
+    """Copy the collection to dest/ansible_collections/ipmasq/gateway; returns dest.
+
+    Both runs converge to this copy, not to the working tree: an agent file edited in
+    between would (rightly) make the re-run copy it and restart the agent."""
+    root = os.path.join(dest, "ansible_collections", "ipmasq", "gateway")
+    os.makedirs(root)
+    skip = shutil.ignore_patterns("__pycache__", "*.pyc")
+    for part in COLLECTION_PARTS:
+        src = os.path.join(REPO, part)
+        if os.path.isdir(src):
+            shutil.copytree(src, os.path.join(root, part), ignore=skip)
+        elif os.path.exists(src):
+            shutil.copy2(src, root)
+    return dest
+
+
+def inventory(collection, prefix, n):
     """Group `gateways`: one host per gateway namespace, its agent's files under the lab's
     file area exactly as inventory/lab.yml lays them out (its gateway vars are reused
     verbatim), and its own tables as host vars."""
-    with open(LAB_INVENTORY) as f:
+    with open(os.path.join(collection, "inventory", "lab.yml")) as f:
         lab_inv = yaml.safe_load(f)["all"]["children"]["lab"]
     hosts = {}
     for i in range(n):
@@ -110,30 +127,55 @@ def recap(stdout):
     return out
 
 
-def ansible_env(forks):
+def ansible_env(collections, forks):
     env = dict(os.environ)
-    env.setdefault("ANSIBLE_COLLECTIONS_PATH", os.path.join(REPO, ".venv", "collections"))
-    env.update({"ANSIBLE_FORKS": str(forks), "ANSIBLE_PIPELINING": "1", "ANSIBLE_NOCOLOR": "1",
+    env.update({"ANSIBLE_COLLECTIONS_PATH": collections, "ANSIBLE_FORKS": str(forks),
+                "ANSIBLE_PIPELINING": "1", "ANSIBLE_NOCOLOR": "1",
                 "ANSIBLE_STDOUT_CALLBACK": "default", "ANSIBLE_HOST_KEY_CHECKING": "0",
                 "ANSIBLE_RETRY_FILES_ENABLED": "0", "ANSIBLE_DEPRECATION_WARNINGS": "0"})
     return env
 
 
-def converge(inventory_path, extra, forks, timeout):
-    """One `ansible-playbook playbooks/site.yml` run, killed (its whole process group)
-    after `timeout` s; returns (wall seconds, per-host recap). Raises on failure."""
-    argv = [os.path.join(common.VENV_BIN, "ansible-playbook"), "-i", inventory_path, SITE, "-e", json.dumps(extra)]
+def kill_tree(pid):
+    """SIGKILL `pid` and all its descendants. Not its process group: ansible's workers
+    setsid() themselves (WorkerProcess._detach), and one orphaned mid-task blocks for
+    ever on its result pipe. Everything is stopped first, so nothing forks meanwhile."""
+    stopped = set()
+    while True:
+        new = set(common.tree_pids(pid)) - stopped
+        if not new:
+            break
+        for p in new:
+            _signal(p, signal.SIGSTOP)
+        stopped |= new
+    for p in stopped:
+        _signal(p, signal.SIGKILL)
+
+
+def _signal(pid, sig):
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def converge(collections, inventory_path, extra, forks, timeout):
+    """One `ansible-playbook playbooks/site.yml` run (of the collection in `collections`),
+    killed with all its processes after `timeout` s; returns (wall seconds,
+    per-host recap). Raises on failure."""
+    site = os.path.join(collections, "ansible_collections", "ipmasq", "gateway", "playbooks", "site.yml")
+    argv = [os.path.join(common.VENV_BIN, "ansible-playbook"), "-i", inventory_path, site, "-e", json.dumps(extra)]
     t0 = time.monotonic()
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=ansible_env(forks), cwd=REPO, start_new_session=True)
+                            env=ansible_env(collections, forks), cwd=REPO, start_new_session=True)
     try:
         stdout, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        kill_tree(proc.pid)
         proc.communicate()
         raise RuntimeError("ansible-playbook site.yml did not finish within %d s" % timeout) from None
     except BaseException:
-        os.killpg(proc.pid, signal.SIGKILL)
+        kill_tree(proc.pid)
         proc.wait()
         raise
     seconds = time.monotonic() - t0
@@ -177,10 +219,11 @@ def fleet_lab(n=DEFAULT_GATEWAYS, forks=10, serial=None, timeout=None):
         try:
             lab_up_s = time.monotonic() - t0
             log("fleet lab %s up: %d gateways, %d namespaces in %.1f s", lab.prefix, n, len(lab.hosts), lab_up_s)
-            os.makedirs(files, exist_ok=True)
+            collections = snapshot(os.path.join(files, "fleet-collection"))
             inv = os.path.join(files, "fleet-inventory.yml")
             with open(inv, "w") as f:
-                yaml.safe_dump(inventory(lab.prefix, n), f, sort_keys=False)
+                yaml.safe_dump(inventory(os.path.join(collections, "ansible_collections", "ipmasq", "gateway"),
+                                         lab.prefix, n), f, sort_keys=False)
 
             # Servers first: site.yml's post-change check connects to every PORTFW backend.
             t = time.monotonic()
@@ -189,7 +232,7 @@ def fleet_lab(n=DEFAULT_GATEWAYS, forks=10, serial=None, timeout=None):
                 probes.serve_identity(lab, "c%d" % i, CLIENT_PORT, lifetime=3 * timeout)
             servers_s = time.monotonic() - t
 
-            first_s, first = converge(inv, extra, forks, timeout)
+            first_s, first = converge(collections, inv, extra, forks, timeout)
             log("first run: %.1f s, changed %d", first_s, sum(r["changed"] for r in first.values()))
 
             t = time.monotonic()
@@ -198,19 +241,19 @@ def fleet_lab(n=DEFAULT_GATEWAYS, forks=10, serial=None, timeout=None):
             probe_s = time.monotonic() - t
             log("probes: %d/%d gateways ok in %.1f s", sum(c["ok"] for c in checks), n, probe_s)
 
-            rerun_s, rerun = converge(inv, extra, forks, timeout)
+            rerun_s, rerun = converge(collections, inv, extra, forks, timeout)
             log("re-run: %.1f s, changed %d", rerun_s, sum(r["changed"] for r in rerun.values()))
         finally:
             lab.down()   # kills every agent the role started in the lab's namespaces
             shutil.rmtree(files, ignore_errors=True)
 
-    rows = [{"gateway": h, "first_changed": first[h]["changed"], "rerun_changed": rerun.get(h, {}).get("changed"),
-             "probe": next(c for c in checks if c["gateway"] == h)}
-            for h in sorted(first, key=lambda h: int(h[2:]))]
+    rows = [{"gateway": c["gateway"], "first_changed": first.get(c["gateway"], {}).get("changed"),
+             "rerun_changed": rerun.get(c["gateway"], {}).get("changed"), "probe": c} for c in checks]
     return {
         "method": {"gateways": n, "namespaces": 3 * n, "forks": forks,
                    "rollout_serial": serial or "site.yml default [1, '25%', '100%']",
-                   "playbook": "playbooks/site.yml (gateway role + tables + post-change check)",
+                   "playbook": "playbooks/site.yml (gateway role + tables + post-change check) of a "
+                               "snapshot of the collection taken at start",
                    "connection": "ipmasq.gateway.netns", "pipelining": True,
                    "tables_per_gateway": "1 PORTFW key + 1 masquerade rule",
                    "probe": "%d connections cI -> gwI:%d (answered by sI, cI's address kept) + 1 "
@@ -263,8 +306,13 @@ def main(argv=None):
                                              s["first_changed"], s["rerun_s"], s["rerun_changed"],
                                              s["probes_ok"], args.gateways))
     if not args.no_report:
-        from bench import report
-        report.main()
+        try:
+            import matplotlib  # noqa: F401  (the other sections' plots; bench/requirements.txt)
+        except ImportError:
+            log("matplotlib missing: REPORT.md not regenerated (scripts/bench.sh --report does it)")
+        else:
+            from bench import report
+            report.main()
     return 0 if all(data["targets"].values()) else 1
 
 

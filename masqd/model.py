@@ -129,7 +129,7 @@ def _parse_address(value):
     tables are validated on every `set`."""
     try:
         packed = socket.inet_pton(socket.AF_INET, value)
-    except OSError:
+    except (OSError, ValueError):  # ValueError: an embedded NUL byte
         packed = None
     if packed is not None:
         if packed == b"\0\0\0\0" or 224 <= packed[0] <= 239:
@@ -217,7 +217,7 @@ def port_intervals(ports):
 
 
 def name(value, field):
-    if not isinstance(value, str) or not 0 < len(value) <= MAX_NAME_LEN or not _NAME_RE.match(value):
+    if not isinstance(value, str) or not 0 < len(value) <= MAX_NAME_LEN or not _NAME_RE.fullmatch(value):
         raise ValidationError(field, value, "must be 1-%d characters of letters, digits, "
                               "'_', '.', ':', '-' starting with a letter or digit" % MAX_NAME_LEN)
     return value
@@ -267,9 +267,62 @@ def _backends(raw, field, family, with_port, port_optional, require=True):
     return out
 
 
+_PORTFW_FIELDS = frozenset(("protocol", "local_address", "local_port", "backends"))
+_CANONICAL_PROTOCOL = {p: p for p in FORWARD_PROTOCOLS}  # shared strings, not one per entry
+
+
+def _portfw_fast(raw):
+    """The canonical entry of a well-formed PORTFW entry with backends, or None.
+
+    A `set` of 100,000 keys validates every entry; this path takes the common shape
+    with a few type checks and cached address canonicalisation. Anything unusual (a
+    missing or unknown field, a wrong type, a bad value, a duplicate) returns None, and
+    normalize_portfw's full validator runs and names the field."""
+    try:
+        if type(raw) is not dict or len(raw) != 4 or raw.keys() != _PORTFW_FIELDS:
+            return None
+        proto = _CANONICAL_PROTOCOL.get(raw["protocol"])
+        lport = raw["local_port"]
+        laddr = raw["local_address"]
+        backends = raw["backends"]
+        if (proto is None or type(lport) is not int or not 0 < lport <= 65535 or type(laddr) is not str
+                or type(backends) is not list or not 0 < len(backends) <= MAX_BACKENDS):
+            return None
+        laddr, fam = _parse_address(laddr)
+        if laddr is None or laddr == "mapped":
+            return None
+        out = []
+        for b in backends:
+            if type(b) is not dict:
+                return None
+            n = len(b)
+            if "pref" in b:
+                pr = b["pref"]
+                n -= 1
+                if type(pr) is not int or not 0 <= pr <= MAX_PREF:
+                    return None
+            else:
+                pr = DEFAULT_PREF
+            addr, p = b.get("address"), b.get("port")
+            if n != 2 or type(addr) is not str or type(p) is not int or not 0 < p <= 65535:
+                return None
+            addr, bfam = _parse_address(addr)
+            if bfam != fam or addr is None or addr == "mapped":
+                return None
+            out.append({"address": addr, "port": p, "pref": pr})
+        if len(out) > 1 and len({(b["address"], b["port"]) for b in out}) != len(out):
+            return None
+    except (TypeError, ValueError):  # unhashable values, _parse_address returning None
+        return None
+    return {"protocol": proto, "local_address": laddr, "local_port": lport, "backends": out}
+
+
 def normalize_portfw(raw, field=""):
+    entry = _portfw_fast(raw)
+    if entry is not None:
+        return entry
     _fields(raw, field, ("protocol", "local_address", "local_port"), ("backends",))
-    proto = protocol(raw["protocol"], _path(field, "protocol"))
+    proto = _CANONICAL_PROTOCOL[protocol(raw["protocol"], _path(field, "protocol"))]
     laddr, fam = address(raw["local_address"], _path(field, "local_address"))
     lport = port(raw["local_port"], _path(field, "local_port"))
     backends = _backends(raw.get("backends", []), _path(field, "backends"), fam, True, False, require=False)
@@ -473,19 +526,45 @@ def check_table(table, entries, field="entries"):
                                       "port range overlaps another autofw entry")
 
 
-def normalize_table(table, raw_entries, field="entries"):
-    """Validate a whole table (for `set`/`plan`): returns {key: entry} in order."""
+def normalize_table(table, raw_entries, field="entries", consume=False):
+    """Validate a whole table (for `set`/`plan`): returns {key: entry} in order.
+    `consume`: the caller hands the list over, and each raw entry is dropped from it
+    once validated, so the canonical entries reuse its memory (loading the state file)."""
     if not isinstance(raw_entries, list):
         raise ValidationError(field, raw_entries, "must be a list of entries")
-    out = {}
-    for i, raw in enumerate(raw_entries):
-        f = "%s[%d]" % (field, i)
-        entry = normalize_entry(table, raw, f)
-        key = entry_key(table, entry)
-        if key in out:
-            raise ValidationError(f, raw, "duplicate entry for key %s" % (key,))
-        if table in ("portfw", "mfw") and not entry["backends"]:
-            raise ValidationError(f + ".backends", [], "must be a non-empty list of backends")
-        out[key] = entry
+    if table == "portfw":
+        out = _portfw_table(raw_entries, field, consume)
+    else:
+        out = {}
+        for i, raw in enumerate(raw_entries):
+            f = "%s[%d]" % (field, i)
+            entry = normalize_entry(table, raw, f)
+            key = entry_key(table, entry)
+            if key in out:
+                raise ValidationError(f, raw, "duplicate entry for key %s" % (key,))
+            if table == "mfw" and not entry["backends"]:
+                raise ValidationError(f + ".backends", [], "must be a non-empty list of backends")
+            out[key] = entry
     check_table(table, list(out.values()), field)
+    return out
+
+
+def _portfw_table(raw_entries, field, consume):
+    """normalize_table for PORTFW, the one table that grows to 100,000s of entries: the
+    fast path per entry, the full validator (and its field path) only when it declines."""
+    out = {}
+    fast = _portfw_fast
+    for i, raw in enumerate(raw_entries):
+        if consume:
+            raw_entries[i] = None
+        entry = fast(raw)
+        if entry is None:
+            f = "%s[%d]" % (field, i)
+            entry = normalize_portfw(raw, f)
+            if not entry["backends"]:
+                raise ValidationError(f + ".backends", [], "must be a non-empty list of backends")
+        key = (entry["protocol"], entry["local_address"], entry["local_port"])
+        if key in out:
+            raise ValidationError("%s[%d]" % (field, i), raw, "duplicate entry for key %s" % (key,))
+        out[key] = entry
     return out

@@ -1,10 +1,13 @@
 """Desired state -> the `inet masqd` nftables table, as typed objects, and diffs of it.
 
-knftables-style: a Ruleset is a set of Fragments (one per PORTFW key, AUTOFW entry,
-mfw mark, plus the whole marks and masquerade tables and the fixed skeleton). Each
-Fragment holds Chains, Map definitions and map Elements. `diff(old, new, fids)` turns
-the difference of some fragments into a Transaction: typed ops, applied atomically by a
-backend (masqd.nft). A single-key change diffs one fragment, so its cost does not
+knftables-style: a Ruleset is a set of Fragments (one per AUTOFW entry, mfw mark,
+plus the whole marks and masquerade tables and the fixed skeleton) and the PORTFW
+table. Each Fragment holds Chains, Map definitions and map Elements. PORTFW keys (up to
+200,000) are not kept rendered: a key renders on demand to one map element, plus a
+chain for a multi-backend key (`portfw_items`), so memory holds each key once, as its
+canonical entry. `diff(old, new, fids)` turns the difference of some fragments (fid
+("portfw", key) for a PORTFW key) into a Transaction: typed ops, applied atomically by
+a backend (masqd.nft). A single-key change diffs one fragment, so its cost does not
 depend on how many keys are loaded.
 
 Rule text is built only from validated, canonical values (ipaddress strings, ints,
@@ -43,33 +46,70 @@ EMPTY = Fragment()
 
 
 class Ruleset:
-    """The whole table: fragment id -> Fragment."""
+    """The whole table: fragment id -> Fragment, and `portfw` {key: canonical entry}
+    (the service's own PORTFW table, shared, never copied or mutated here). A PORTFW
+    key's fid is ("portfw", key); an explicit fragment under that fid wins (tests)."""
 
-    def __init__(self, fragments=None):
+    def __init__(self, fragments=None, portfw=None):
         self.fragments = fragments or {}
+        self.portfw = portfw if portfw is not None else {}
 
-    def replace(self, changes):
-        """A new Ruleset with some fragments replaced (None removes one)."""
+    def fragment(self, fid):
+        frag = self.fragments.get(fid)
+        if frag is None:
+            entry = self.portfw.get(fid[1]) if _is_portfw(fid) else None
+            return EMPTY if entry is None else portfw_fragment(entry)
+        return frag
+
+    def replace(self, changes, portfw=None):
+        """A new Ruleset with some fragments replaced (None removes one) and, when
+        given, another PORTFW table."""
         fragments = dict(self.fragments)
+        table = self.portfw if portfw is None else portfw
+        copied = False
         for fid, frag in changes.items():
+            if _is_portfw(fid) and fid[1] in table:
+                if not copied:
+                    table, copied = dict(table), True
+                del table[fid[1]]
             if frag is None or frag == EMPTY:
                 fragments.pop(fid, None)
             else:
                 fragments[fid] = frag
-        return Ruleset(fragments)
+        return Ruleset(fragments, table)
+
+    def fids(self):
+        return set(self.fragments) | {("portfw", key) for key in self.portfw}
 
     def objects(self):
         """Merged view: (chains, maps, elements) as the kernel would hold them."""
         chains, maps, elements = {}, {}, {}
-        for frag in self.fragments.values():
+        pending = True  # PORTFW between the skeleton/marks/masquerade and autofw/mfw, as
+        for fid, frag in self.fragments.items():  # render orders them (listing order)
+            if pending and type(fid) is tuple and fid[0] in ("autofw", "mfw"):
+                self._portfw_objects(chains, elements)
+                pending = False
             chains.update(frag.chains)
             maps.update(frag.maps)
             for name, elems in frag.elements.items():
                 elements.setdefault(name, {}).update(elems)
+        if pending:
+            self._portfw_objects(chains, elements)
         return chains, maps, elements
+
+    def _portfw_objects(self, chains, elements):
+        for entry in self.portfw.values():
+            name, key, value, chain = portfw_items(entry)
+            elements.setdefault(name, {})[key] = value
+            if chain is not None:
+                chains[chain.name] = chain
 
     def dump(self):
         return dump(*self.objects())
+
+
+def _is_portfw(fid):
+    return type(fid) is tuple and fid[0] == "portfw"
 
 
 # --- transactions ---------------------------------------------------------------------
@@ -140,13 +180,20 @@ def diff(old, new, fids=None):
 
     Order keeps every intermediate reference valid: new maps and chains first, element
     deletions before additions (a changed value is delete+add), chains and maps that
-    nothing references any more last."""
+    nothing references any more last. Elements of one map are one statement, in the
+    order of `fids` (give a list for a deterministic text)."""
     if fids is None:
-        fids = set(old.fragments) | set(new.fragments)
-    add_maps, add_chains, rules, del_elems, add_elems, del_chains, del_maps = ([] for _ in range(7))
+        fids = old.fids() | new.fids()
+    add_maps, add_chains, rules, del_chains, del_maps = [], [], [], [], []
+    del_elems, add_elems = {}, {}
     for fid in fids:
-        a = old.fragments.get(fid, EMPTY)
-        b = new.fragments.get(fid, EMPTY)
+        if _is_portfw(fid) and fid not in old.fragments and fid not in new.fragments:
+            a, b = old.portfw.get(fid[1]), new.portfw.get(fid[1])
+            if a is not b:
+                _portfw_diff(None if a is None else portfw_items(a), None if b is None else portfw_items(b),
+                             add_chains, rules, del_elems, add_elems, del_chains)
+            continue
+        a, b = old.fragment(fid), new.fragment(fid)
         if a is b:
             continue
         for name, m in b.maps.items():
@@ -158,13 +205,7 @@ def diff(old, new, fids=None):
             if name not in b.maps:
                 del_maps.append(Op("delete", "map", name, m.kind))
         for name, c in b.chains.items():
-            prev = a.chains.get(name)
-            if prev == c:
-                continue
-            ops = [] if prev is None else [Op("flush", "chain", name, None)]
-            if prev is None:
-                add_chains.append(Op("add", "chain", name, c))
-            rules.append((name, ops + [Op("add", "rule", name, r) for r in c.rules]))
+            _chain_diff(a.chains.get(name), c, add_chains, rules)
         for name in a.chains:
             if name not in b.chains:
                 del_chains.append(Op("delete", "chain", name, None))
@@ -173,22 +214,40 @@ def diff(old, new, fids=None):
             gone = [k for k, v in ea.items() if k not in eb or eb[k] != v]
             new_items = [(k, v) for k, v in eb.items() if k not in ea or ea[k] != v]
             if gone:
-                del_elems.append(Op("delete", "element", name, sorted(gone)))
+                del_elems.setdefault(name, []).extend(sorted(gone))
             if new_items:
-                add_elems.append(Op("add", "element", name, sorted(new_items)))
+                add_elems.setdefault(name, []).extend(sorted(new_items))
     by_name = lambda op: op.name  # deterministic text whatever the order of `fids`
     rules = [op for _name, ops in sorted(rules, key=lambda item: item[0]) for op in ops]
     return Transaction(sorted(add_maps, key=by_name) + sorted(add_chains, key=by_name) + rules
-                       + _merge(del_elems) + _merge(add_elems)
+                       + [Op("delete", "element", name, items) for name, items in sorted(del_elems.items())]
+                       + [Op("add", "element", name, items) for name, items in sorted(add_elems.items())]
                        + sorted(del_chains, key=by_name) + sorted(del_maps, key=by_name))
 
 
-def _merge(ops):
-    """One element statement per map (fewer lines for whole-table changes)."""
-    by_map = {}
-    for op in ops:
-        by_map.setdefault(op.name, []).extend(op.arg)
-    return [Op(ops[0].verb, "element", name, items) for name, items in sorted(by_map.items())]
+def _chain_diff(prev, c, add_chains, rules):
+    if prev == c:
+        return
+    if prev is None:
+        add_chains.append(Op("add", "chain", c.name, c))
+        ops = []
+    else:
+        ops = [Op("flush", "chain", c.name, None)]
+    rules.append((c.name, ops + [Op("add", "rule", c.name, r) for r in c.rules]))
+
+
+def _portfw_diff(a, b, add_chains, rules, del_elems, add_elems, del_chains):
+    """Ops of one PORTFW key, from its old and new portfw_items (None: absent)."""
+    if a == b:
+        return
+    if b is not None and b[3] is not None:
+        _chain_diff(a[3] if a is not None else None, b[3], add_chains, rules)
+    elif a is not None and a[3] is not None:
+        del_chains.append(Op("delete", "chain", a[3].name, None))
+    if a is not None and (b is None or a[:3] != b[:3]):
+        del_elems.setdefault(a[0], []).append(a[1])
+    if b is not None and (a is None or a[:3] != b[:3]):
+        add_elems.setdefault(b[0], []).append((b[1], b[2]))
 
 
 # --- dump: canonical text of a table (goldens, the fake backend) ------------------------
@@ -338,18 +397,25 @@ def portfw_chain_name(key):
     return "pf_" + digest
 
 
-def portfw_fragment(entry):
-    key = (entry["protocol"], entry["local_address"], entry["local_port"])
-    fam = _fam(entry["local_address"])
-    elem_key = "%s . %s . %d" % (entry["local_address"], entry["protocol"], entry["local_port"])
+def portfw_items(entry):
+    """What one PORTFW key renders to: (map name, element key, element value, Chain or
+    None). A single-target key is one `portfw_direct_*` element; a cascade is a chain
+    and a verdict-map element that jumps to it."""
+    laddr, proto = entry["local_address"], entry["protocol"]
+    suffix = "v6" if ":" in laddr else "v4"
+    elem_key = "%s . %s . %d" % (laddr, proto, entry["local_port"])
     how, target = schedule(entry["backends"])
     if how == "single":
-        return Fragment(elements={"portfw_direct_" + _suffix(fam): {
-            elem_key: _map_port(target["address"], target["port"])}})
-    name = portfw_chain_name(key)
-    rules = cascade_rules(target, lambda b: "meta l4proto " + entry["protocol"])
-    return Fragment(chains=[Chain(name, None, tuple(rules))],
-                    elements={"portfw_" + _suffix(fam): {elem_key: "goto " + name}})
+        return ("portfw_direct_" + suffix, elem_key, "%s . %d" % (target["address"], target["port"]), None)
+    name = portfw_chain_name((proto, laddr, entry["local_port"]))
+    match = "meta l4proto " + proto
+    chain = Chain(name, None, tuple(cascade_rules(target, lambda b: match)))
+    return ("portfw_" + suffix, elem_key, "goto " + name, chain)
+
+
+def portfw_fragment(entry):
+    name, key, value, chain = portfw_items(entry)
+    return Fragment(chains=() if chain is None else (chain,), elements={name: {key: value}})
 
 
 def mfw_order(entry, head):
@@ -540,16 +606,16 @@ def fragment_for(table, key, tables, mfw_heads):
 
 
 def render(tables, mfw_heads=None):
-    """The whole Ruleset of a state (`tables`: name -> {key: entry})."""
+    """The whole Ruleset of a state (`tables`: name -> {key: entry}; the PORTFW dict is
+    referenced, not copied)."""
     mfw_heads = mfw_heads or {}
     fragments = {"base": base_fragment()}
     fragments["marks"] = marks_fragment(list(tables.get("marks", {}).values()))
     fragments["masquerade"] = masquerade_fragment(list(tables.get("masquerade", {}).values()))
-    for table, make in (("portfw", portfw_fragment), ("autofw", autofw_fragment)):
-        for key, entry in tables.get(table, {}).items():
-            frag = make(entry)
-            if frag is not EMPTY:
-                fragments[(table, key)] = frag
+    for key, entry in tables.get("autofw", {}).items():
+        frag = autofw_fragment(entry)
+        if frag is not EMPTY:
+            fragments[("autofw", key)] = frag
     for key, entry in tables.get("mfw", {}).items():
         fragments[("mfw", key)] = mfw_fragment(entry, mfw_heads.get(key))
-    return Ruleset(fragments)
+    return Ruleset(fragments, tables.get("portfw", {}))

@@ -201,3 +201,61 @@ def test_direct_map_counts_connections_for_pcnt(seed_lab, tmp_path):
     assert result.returncode == 0, result.stderr
     (backend,) = json.loads(result.stdout.strip().splitlines()[-1])
     assert (backend["connections"], backend["pcnt"], backend["head"]) == (3, 1, True)
+
+
+def test_incremental_portfw_changes_equal_a_full_resync(gw):
+    """Element-level diffs (single -> cascade, cascade -> other cascade, cascade ->
+    single, keys removed) leave exactly the table a full re-sync of the same state
+    builds, and a refused transaction changes nothing."""
+    out = run_in(gw, """
+        import subprocess
+        from masqd import model
+        from masqd.nft import LibNftables, NftError
+        def entry(proto, laddr, port, backends):
+            return model.normalize_entry("portfw", {"protocol": proto, "local_address": laddr,
+                "local_port": port, "backends": [{"address": a, "port": p, "pref": w} for a, p, w in backends]})
+        def listing():
+            return subprocess.run(["nft", "list", "table", "inet", "masqd"], capture_output=True,
+                                  text=True, check=True).stdout
+        steps = [
+            [entry("tcp", "198.51.100.1", 80, [("10.16.0.27", 80, 15), ("10.16.0.28", 8080, 5)]),
+             entry("udp", "2001:db8::1", 53, [("fd00::53", 53, 10)]),
+             entry("tcp", "2001:db8::2", 443, [("fd00::1", 443, 3), ("fd00::2", 443, 1), ("fd00::3", 4443, 2)]),
+             entry("udp", "198.51.100.2", 65535, [("10.16.0.9", 1, 10)])],
+            [entry("tcp", "198.51.100.1", 80, [("10.16.0.27", 80, 1), ("10.16.0.29", 80, 1)]),
+             entry("udp", "2001:db8::1", 53, [("fd00::53", 53, 10), ("fd00::54", 53, 10)]),
+             entry("tcp", "2001:db8::2", 443, [("fd00::1", 443, 0), ("fd00::2", 443, 1)])],
+            [],
+        ]
+        nft = LibNftables()
+        rs = render.render({})
+        nft.apply(render.full_sync(rs))
+        incremental, resynced = [], []
+        for step in steps:
+            new = render.Ruleset(rs.fragments, {model.entry_key("portfw", e): e for e in step})
+            nft.apply(render.diff(rs, new))
+            incremental.append(listing())
+            nft.apply(render.full_sync(new))
+            resynced.append(listing())
+            rs = new
+        # A refused transaction (goto a chain that does not exist) changes nothing.
+        before = subprocess.run(["nft", "list", "ruleset"], capture_output=True, text=True).stdout
+        bad = render.Transaction([
+            render.Op("add", "element", "portfw_direct_v4", [("198.51.100.9 . tcp . 9", "10.0.0.1 . 80")]),
+            render.Op("add", "element", "portfw_v4", [("198.51.100.9 . tcp . 10", "goto pf_0000000000000000")])])
+        try:
+            nft.apply(bad)
+            refused = None
+        except NftError as exc:
+            refused = str(exc)
+        after = subprocess.run(["nft", "list", "ruleset"], capture_output=True, text=True).stdout
+        print(json.dumps({"incremental": incremental, "resynced": resynced, "refused": refused,
+                          "unchanged": before == after}))
+    """)
+    assert out["incremental"] == out["resynced"]
+    first = out["incremental"][0]
+    assert "numgen inc mod 20 < 15 counter packets 0 bytes 0 dnat ip to 10.16.0.27:80" in first
+    assert "dnat ip6 to [fd00::3]:4443" in first and "198.51.100.2 . udp . 65535 counter packets 0 bytes 0 : 10.16.0.9 . 1" in first
+    assert "pf_" not in out["incremental"][2]
+    assert out["refused"]
+    assert out["unchanged"]

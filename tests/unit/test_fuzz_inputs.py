@@ -126,11 +126,6 @@ def test_parse_request_hostile_bytes(raw):
 
 # -- the Service's request checking ----------------------------------------------------------
 
-def known_bug(response):
-    """The one crash-free refusal without a field found here (see the xfail below)."""
-    return not response["ok"] and "embedded null character" in response["error"]["message"]
-
-
 def literal_value(path, value):
     """What may be accepted for a field: a value nft takes literally."""
     import ipaddress
@@ -172,8 +167,6 @@ def test_hostile_string_in_every_field_is_refused_or_inert(table, tmp_path_facto
                             ("set", {"entries": [hostile_entry(table, path, value)]}),
                             ("plan", {"entries": [hostile_entry(table, path, value)]})):
                 response = svc.handle(dict(req, op=op, table=table))
-                if known_bug(response) or (path == "name" and value.endswith("\n")):
-                    continue  # the two xfail tests below
                 if response["ok"]:
                     assert literal_value(path, value), (table, path, value, response)
                     svc.handle({"op": "flush", "table": table})
@@ -189,9 +182,6 @@ def test_hostile_string_in_every_field_is_refused_or_inert(table, tmp_path_facto
     assert_clean_kernel_text(svc.nft)
 
 
-@pytest.mark.xfail(strict=True, reason="masqd/model.py _parse_address: socket.inet_pton raises ValueError "
-                   "(not OSError) on a NUL byte, so the agent answers 'internal error: ValueError: embedded "
-                   "null character' with field None instead of naming the field; catch ValueError too")
 @pytest.mark.parametrize("table,path", [("portfw", "local_address"), ("portfw", "backends.address"),
                                         ("mfw", "backends.address"), ("autofw", "hidden_host")])
 def test_nul_byte_in_an_address_is_refused_naming_the_field(table, path, tmp_path_factory):
@@ -201,9 +191,6 @@ def test_nul_byte_in_an_address_is_refused_naming_the_field(table, path, tmp_pat
     assert response["error"]["field"] == "entry." + path.replace("backends.", "backends[0].")
 
 
-@pytest.mark.xfail(strict=True, reason="masqd/model.py name(): the pattern ends in '$', which also matches "
-                   "before a trailing newline, so 'friend\\n' is stored and listed (a masqctl listing row "
-                   "splits in two); use re.fullmatch or \\Z")
 @pytest.mark.parametrize("table", ["marks", "masquerade"])
 def test_name_with_a_trailing_newline_is_refused(table, tmp_path_factory):
     svc = new_service(tmp_path_factory)
@@ -231,7 +218,7 @@ def test_service_answers_every_request_with_an_envelope(tmp_path_factory, reques
     svc = new_service(tmp_path_factory)
     response = svc.handle(request)
     assert isinstance(response, dict) and isinstance(response.get("ok"), bool)
-    if not response["ok"] and not known_bug(response):
+    if not response["ok"]:
         error = response["error"]
         assert error["message"] and "internal error" not in error["message"], (request, response)
         assert error["field"] is not None, (request, response)
@@ -298,7 +285,7 @@ def test_masqctl_requests_meet_the_agent_checks(tmp_path_factory, argv):
         return
     svc = new_service(tmp_path_factory)
     response = svc.handle(command.request)
-    if not response["ok"] and not known_bug(response):
+    if not response["ok"]:
         assert_refusal(response)
     assert_clean_kernel_text(svc.nft)
 

@@ -186,3 +186,42 @@ def test_error_to_dict():
     err = ValidationError("entries[0].backends[1].port", 70000, "port must be 1-65535")
     assert err.to_dict() == {"field": "entries[0].backends[1].port", "value": 70000,
                              "message": "port must be 1-65535"}
+
+
+FAST_CASES = [
+    {"protocol": "tcp", "local_address": "198.51.100.1", "local_port": 80,
+     "backends": [{"address": "10.16.0.27", "port": 80, "pref": 15}, {"address": "10.16.0.28", "port": 80}]},
+    {"protocol": "udp", "local_address": "2001:DB8::0:1", "local_port": 65535,
+     "backends": [{"pref": 0, "port": 1, "address": "fd00::1"}]},
+    # declined by the fast path, same answer or error from the full validator
+    {"protocol": "udp", "local_address": "198.51.100.1", "local_port": 53, "backends": []},
+    {"protocol": "tcp", "local_address": "198.51.100.1", "local_port": True,
+     "backends": [{"address": "10.16.0.27", "port": 80}]},
+    {"protocol": "tcp", "local_address": "198.51.100.1", "local_port": 80,
+     "backends": [{"address": "10.16.0.27", "port": 80}, {"address": "10.16.0.27", "port": 80}]},
+    {"protocol": "tcp", "local_address": "198.51.100.1", "local_port": 80,
+     "backends": [{"address": "fd00::1", "port": 80}]},
+    {"protocol": ["tcp"], "local_address": "198.51.100.1", "local_port": 80, "backends": []},
+    {"protocol": "tcp", "local_address": "::ffff:198.51.100.1", "local_port": 80,
+     "backends": [{"address": "10.16.0.27", "port": 80}]},
+    {"protocol": "tcp", "local_address": "198.51.100.1", "local_port": 80,
+     "backends": [{"address": "10.16.0.27", "port": 80, "weight": 1}]},
+    {"protocol": "tcp", "local_address": "198.51.100.1", "local_port": 80, "extra": 1,
+     "backends": [{"address": "10.16.0.27", "port": 80}]},
+]
+
+
+@pytest.mark.parametrize("raw", FAST_CASES)
+def test_portfw_fast_path_agrees_with_full_validator(raw, monkeypatch):
+    def outcome():
+        try:
+            return model.normalize_table("portfw", [raw])
+        except model.ValidationError as exc:
+            return exc.to_dict()
+    fast = outcome()
+    monkeypatch.setattr(model, "_portfw_fast", lambda raw: None)
+    assert fast == outcome()
+    if isinstance(fast, dict) and "field" not in fast:
+        (entry,) = fast.values()
+        assert list(entry) == ["protocol", "local_address", "local_port", "backends"]
+        assert entry["protocol"] is model._CANONICAL_PROTOCOL[entry["protocol"]]

@@ -86,7 +86,7 @@ class Ruleset:
         chains, maps, elements = {}, {}, {}
         pending = True  # PORTFW between the skeleton/marks/masquerade and autofw/mfw, as
         for fid, frag in self.fragments.items():  # render orders them (listing order)
-            if pending and type(fid) is tuple and fid[0] in ("autofw", "mfw"):
+            if pending and isinstance(fid, tuple) and fid[0] in ("autofw", "mfw"):
                 self._portfw_objects(chains, elements)
                 pending = False
             chains.update(frag.chains)
@@ -109,7 +109,7 @@ class Ruleset:
 
 
 def _is_portfw(fid):
-    return type(fid) is tuple and fid[0] == "portfw"
+    return isinstance(fid, tuple) and fid[0] == "portfw"
 
 
 # --- transactions ---------------------------------------------------------------------
@@ -217,7 +217,10 @@ def diff(old, new, fids=None):
                 del_elems.setdefault(name, []).extend(sorted(gone))
             if new_items:
                 add_elems.setdefault(name, []).extend(sorted(new_items))
-    by_name = lambda op: op.name  # deterministic text whatever the order of `fids`
+
+    def by_name(op):  # deterministic text whatever the order of `fids`
+        return op.name
+
     rules = [op for _name, ops in sorted(rules, key=lambda item: item[0]) for op in ops]
     return Transaction(sorted(add_maps, key=by_name) + sorted(add_chains, key=by_name) + rules
                        + [Op("delete", "element", name, items) for name, items in sorted(del_elems.items())]
@@ -434,7 +437,10 @@ def mfw_chain_name(mark):
 def mfw_fragment(entry, head=None):
     order = mfw_order(entry, head)
     how, target = schedule(order)
-    match = lambda b: _L4 if b["port"] is not None else ""  # dnat to a port needs l4
+
+    def match(backend):  # dnat to a port needs l4
+        return _L4 if backend["port"] is not None else ""
+
     if how == "single":
         rules = cascade_rules([target], match)
     else:

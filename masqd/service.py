@@ -393,7 +393,6 @@ class Service:
         except NftError:
             self.nft.apply(render.full_sync(self._ruleset))
 
-
     # --- AUTOFW control-port detection (runtime state, fed by masqd.autofw_watch) ------
 
     def control_ports(self):
@@ -446,8 +445,8 @@ class Service:
         name, elem = render.autofw_recipient_element(entry, family, peer)
         # `expires` as well: re-adding an existing element updates its expiry only when
         # told so (kernel 6.x element update); `timeout` alone would leave it running.
-        ops.append(render.Op("add", "element", name, [("%s timeout %ds expires %ds" % (elem, timeout, timeout),
-                                                        source)]))
+        element = "%s timeout %ds expires %ds" % (elem, timeout, timeout)
+        ops.append(render.Op("add", "element", name, [(element, source)]))
         try:
             self.nft.apply(render.Transaction(ops))
         except NftError as exc:

@@ -22,7 +22,7 @@ description:
     can import C(ipmasq_lab) and pyroute2.
   - The same labs can be handled with the C(ipmasq-lab) CLI (C(ipmasq-lab list),
     C(ipmasq-lab down PREFIX)) and from Python (C(ipmasq_lab.Lab.attach(prefix))).
-author: ipmasq.gateway developers
+author: ipmasq.gateway developers (@ipmasq)
 options:
   spec:
     description:
@@ -43,8 +43,10 @@ options:
 attributes:
   check_mode:
     support: full
+    description: Reports the lab that would be built or removed, and builds or removes nothing.
   diff_mode:
     support: none
+    description: No diff is returned.
 notes:
   - Every namespace, process and registry record of the lab is removed by O(state=absent),
     including processes started inside the lab's namespaces.

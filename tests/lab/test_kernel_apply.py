@@ -109,7 +109,7 @@ def test_kernel_rejection_leaves_listing_identical(gw, tmp_path):
     assert "the kernel refused the change" in out["bad"]["error"]["message"]
     assert "Error:" in out["bad"]["error"]["message"]
     assert out["same"] is True
-    assert out["revision"] == len([1 for _ in range(5)])  # the five `set`s of load_scenario only
+    assert out["revision"] == len([1 for _set in range(5)])  # the five `set`s of load_scenario only
 
 
 def test_ten_thousand_keys_and_incremental_change(gw, tmp_path):

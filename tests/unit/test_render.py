@@ -71,7 +71,7 @@ def simulate(rules, connections):
     """What `numgen inc` does: a counter per rule, bumped when the rule is evaluated."""
     counters = [0] * len(rules)
     picked = []
-    for _ in range(connections):
+    for _connection in range(connections):
         for i, rule in enumerate(rules):
             m = _NUMGEN.search(rule)
             if m:

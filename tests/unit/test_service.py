@@ -108,7 +108,7 @@ BAD_REQUESTS = [
     ({"op": "add", "table": "marks", "entry": {"name": "x", "mark": 1, "input_interface": "a very long name"}},
      "entry.input_interface", "a very long name"),
     ({"op": "add", "table": "autofw", "entry": {"protocol": "udp", "low_port": 7000, "high_port": 7001,
-                                                 "hidden_host": "10.0.0.5"}}, "entry", None),
+                                                "hidden_host": "10.0.0.5"}}, "entry", None),
 ]
 
 

@@ -91,7 +91,7 @@ def log(msg, *args):
 
 def _version(argv, pick=lambda s: s.strip().splitlines()[0] if s.strip() else None):
     try:
-        out = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=10, check=False)
         return pick(out.stdout + out.stderr)
     except (OSError, subprocess.TimeoutExpired):
         return None
@@ -219,9 +219,9 @@ class Agent:
         """Start and wait until the socket answers; returns the seconds it took."""
         t0 = time.monotonic()
         with open(self.log, "ab") as logf:
-            self.proc = self.lab.spawn(self.host, [os.path.join(VENV_BIN, "masqd"), "--state-dir", self.state_dir,
-                                                    "--socket", self.socket, "--log-level", "warning"],
-                                       stdout=logf, stderr=logf)
+            argv = [os.path.join(VENV_BIN, "masqd"), "--state-dir", self.state_dir,
+                    "--socket", self.socket, "--log-level", "warning"]
+            self.proc = self.lab.spawn(self.host, argv, stdout=logf, stderr=logf)
         from masqd.client import AgentUnavailable, Client
         deadline = t0 + timeout
         while time.monotonic() < deadline:

@@ -10,7 +10,6 @@
 
 import json
 import os
-import statistics
 
 from bench import common
 from bench.common import GATEWAY_OUT, REPO, SERVER, log, median

@@ -62,8 +62,8 @@ def main(state_dir, keys, repeats, one_ops, profile_out):
         r = svc.handle({"op": "add", "table": "portfw", "entry": entry})
         add.append(time.perf_counter() - t0)
         t1 = time.perf_counter()
-        r2 = svc.handle({"op": "delete", "table": "portfw", "entry": {k: entry[k] for k in
-                                                                       ("protocol", "local_address", "local_port")}})
+        key = {k: entry[k] for k in ("protocol", "local_address", "local_port")}
+        r2 = svc.handle({"op": "delete", "table": "portfw", "entry": key})
         delete.append(time.perf_counter() - t1)
         if not (r["ok"] and r2["ok"]):
             raise SystemExit("add/delete refused: %s %s" % (r, r2))

@@ -282,7 +282,7 @@ def run(quick=False):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m bench.fleet_lab", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.fleet_lab", description=__doc__.split("\n\n", maxsplit=1)[0])
     parser.add_argument("--gateways", type=int, default=DEFAULT_GATEWAYS, help="fleet size (1-%d)" % MAX_GATEWAYS)
     parser.add_argument("--forks", type=int, default=10, help="ansible forks (default 10)")
     parser.add_argument("--serial", default=None,

@@ -95,8 +95,8 @@ def _plt():
 def plot_bar(name, labels, values, ylabel, title):
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.bar(labels, [v or 0 for v in values], color=["#4477aa" if l in ("portfw", "routing") else "#bbbbbb"
-                                                      for l in labels])
+    colors = ["#4477aa" if label in ("portfw", "routing") else "#bbbbbb" for label in labels]
+    ax.bar(labels, [v or 0 for v in values], color=colors)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     for i, v in enumerate(values):
@@ -171,12 +171,12 @@ def dataplane_section(doc):
            "the gateway's softirq work cannot be separated from the client's and server's; the "
            "difference to the routing row is what the path adds per connection. Other work on "
            "this shared machine also lands in the machine-wide figure (hence medians).\n\n"]
-    out.append("![throughput](%s)\n" % plot_bar("throughput_by_path.png", paths,
-                                                  [s[p]["throughput_gbps"] for p in paths], "Gbit/s",
-                                                  "iperf3 TCP throughput by path (median)"))
-    out.append("![connections](%s)\n\n" % plot_bar("conn_rate_by_path.png", paths,
-                                                     [s[p]["conn_per_s"] for p in paths], "connections/s",
-                                                     "New connections/s by path (ab, median)"))
+    throughput = plot_bar("throughput_by_path.png", paths, [s[p]["throughput_gbps"] for p in paths],
+                          "Gbit/s", "iperf3 TCP throughput by path (median)")
+    connections = plot_bar("conn_rate_by_path.png", paths, [s[p]["conn_per_s"] for p in paths],
+                           "connections/s", "New connections/s by path (ab, median)")
+    out.append("![throughput](%s)\n" % throughput)
+    out.append("![connections](%s)\n\n" % connections)
     return "".join(out)
 
 
@@ -328,7 +328,7 @@ def machine_section(docs):
     m = doc["machine"]
     v = m["versions"]
     return ("Machine: %s, %d CPUs (%s), kernel %s, Python %s. Date of the first result: %s.\n"
-            "Versions: %s.\n\n" % (os.uname().nodename if False else "this machine", m["cpus"], m["cpu_model"],
+            "Versions: %s.\n\n" % ("this machine", m["cpus"], m["cpu_model"],
                                    m["kernel"], m["python"], m["date"],
                                    "; ".join("%s %s" % (k, val) for k, val in v.items() if val)))
 

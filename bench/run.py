@@ -12,13 +12,13 @@ import traceback
 
 from bench import common
 
-BENCHMARKS = ("dataplane", "scale", "control", "ansible", "failover")
+BENCHMARKS = ("dataplane", "scale", "control", "ansible", "failover", "fleet_lab")
 
 
 def _module(name):
-    from bench import ansible_bench, control, dataplane, failover, scale
+    from bench import ansible_bench, control, dataplane, failover, fleet_lab, scale
     return {"dataplane": dataplane, "scale": scale, "control": control,
-            "ansible": ansible_bench, "failover": failover}[name]
+            "ansible": ansible_bench, "failover": failover, "fleet_lab": fleet_lab}[name]
 
 
 def main(argv=None):

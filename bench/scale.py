@@ -147,7 +147,8 @@ def run(quick=False, sizes=(10, 1000, 10000, 100000)):
                         common.ratio(small["masqd_gbps"], small["routing_gbps"]))
     ratios["per_packet_throughput_masqd_%d_vs_%d_normalized" % (sizes[-1], sizes[0])] = norm
     targets = {
-        "per-packet (mark restore) throughput %d vs %d >= 0.95 (normalized by the routed flow of the same minute; raw ratio in the table)" % (sizes[-1], sizes[0]):
+        "per-packet (mark restore) throughput %d vs %d >= 0.95 (normalized by the routed flow of the same "
+        "minute; raw ratio in the table)" % (sizes[-1], sizes[0]):
             (norm or 0) >= 0.95,
         "conn rate %d vs %d >= 0.95" % (sizes[-1], sizes[0]):
             (ratios["conn_rate_masqd_%d_vs_%d" % (sizes[-1], sizes[0])] or 0) >= 0.95,

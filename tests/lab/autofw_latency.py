@@ -110,7 +110,7 @@ if __name__ == "__main__":  # python tests/lab/autofw_latency.py  (root): one se
     import tempfile
 
     import ipmasq_lab
-    from test_masqd_agent import Agent
+    from masqd_agent import Agent
 
     with ipmasq_lab.lab("seed") as lab:
         agent = Agent(lab, tempfile.mkdtemp(prefix="masqd-latency-"))

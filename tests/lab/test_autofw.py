@@ -17,7 +17,7 @@ from ipmasq_lab import probes
 
 sys.path.insert(0, os.path.dirname(__file__))
 from autofw_latency import measure_detection_latency  # noqa: E402
-from test_masqd_agent import Agent  # noqa: E402
+from masqd_agent import Agent  # noqa: E402
 
 pytestmark = pytest.mark.lab
 

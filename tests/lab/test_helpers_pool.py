@@ -16,7 +16,7 @@ import yaml
 from ipmasq_lab import probes
 
 sys.path.insert(0, os.path.dirname(__file__))
-from test_masqd_agent import PYTHON, VENV_BIN, Agent  # noqa: E402
+from masqd_agent import PYTHON, VENV_BIN, running_agent  # noqa: E402
 
 pytestmark = pytest.mark.lab
 
@@ -27,15 +27,8 @@ WEB = {"web1": "10.16.0.27", "web2": "10.16.0.28"}
 
 @pytest.fixture
 def gateway(seed_lab):
-    base = tempfile.mkdtemp(prefix="masqd-pool-")
-    os.chmod(base, 0o755)
-    agent = Agent(seed_lab, base)
-    agent.start()
-    try:
+    with running_agent(seed_lab, "masqd-pool-", mode=0o755) as agent:
         yield agent
-    finally:
-        agent.stop()
-        shutil.rmtree(base, ignore_errors=True)
 
 
 def add_pool_addresses(lab):

@@ -1,96 +1,21 @@
 """masqd as a real agent in a lab namespace, driven by masqctl over its socket:
 the kernel table it programs, restarts, refusals, peer credentials."""
 
-import contextlib
 import os
-import pwd
 import re
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 
 import pytest
 
+sys.path.insert(0, os.path.dirname(__file__))
+from masqd_agent import PYTHON, VENV_BIN, Agent, unprivileged_user  # noqa: E402
+
 pytestmark = pytest.mark.lab
-
-PYTHON = sys.executable
-VENV_BIN = os.path.dirname(PYTHON)
-TEST_USER = "masqd-test"
-
-
-class Agent:
-    """One masqd in `host`'s namespace of `lab`, with its own state dir and socket."""
-
-    def __init__(self, lab, base, host="gateway", group=None, extra=()):
-        self.lab, self.host, self.extra = lab, host, list(extra)
-        self.state_dir = os.path.join(base, "state")
-        self.socket = os.path.join(base, "run", "masqd.sock")
-        self.log_path = os.path.join(base, "masqd.log")
-        self.group = group
-        self.proc = None
-
-    def start(self, wait=True):
-        argv = [PYTHON, "-m", "masqd.daemon", "--state-dir", self.state_dir, "--socket", self.socket]
-        if self.group is not None:
-            argv += ["--group", str(self.group)]
-        argv += self.extra
-        os.makedirs(os.path.dirname(self.log_path), exist_ok=True)
-        log = open(self.log_path, "ab")
-        self.proc = self.lab.spawn(self.host, argv, stdout=log, stderr=log)
-        log.close()
-        if wait:
-            self.wait_ready()
-        return self.proc
-
-    def wait_ready(self, timeout=15):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError("masqd exited %s:\n%s" % (self.proc.returncode, self.log()))
-            with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX) as probe:
-                probe.connect(self.socket)
-                return
-            time.sleep(0.05)
-        raise AssertionError("masqd did not listen within %ss:\n%s" % (timeout, self.log()))
-
-    def log(self):
-        with open(self.log_path, errors="replace") as handle:
-            return handle.read()
-
-    def stop(self, sig=signal.SIGTERM, timeout=10):
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            self.proc.wait(timeout=timeout)
-        return self.proc.returncode
-
-    def masqctl(self, *args, check=True):
-        """masqctl in the agent's namespace (so any name lookup stays inside the lab)."""
-        result = self.lab.run(self.host, [PYTHON, "-m", "masqd.masqctl", "--socket", self.socket] + list(args),
-                              timeout=20)
-        if check and result.returncode != 0:
-            raise AssertionError("masqctl %s: exit %d\n%s" % (" ".join(args), result.returncode, result.stderr))
-        return result
-
-    def nft(self, *args):
-        return self.lab.run(self.host, ["nft"] + list(args), timeout=10, check=True).stdout
-
-    def table(self):
-        return self.nft("list", "table", "inet", "masqd")
-
-    def state_bytes(self):
-        files = {}
-        for root, _dirs, names in os.walk(self.state_dir):
-            for name in names:
-                path = os.path.join(root, name)
-                with open(path, "rb") as handle:
-                    files[os.path.relpath(path, self.state_dir)] = handle.read()
-        return files
-
 
 @pytest.fixture
 def workdir():
@@ -256,23 +181,6 @@ def test_second_agent_on_the_same_socket_refuses_and_sigterm_cleans_up(seed_lab,
     assert "SIGTERM received" in agent.log()
     result = agent.masqctl("status", check=False)
     assert result.returncode == 1 and "masqd is not running at %s: start it" % agent.socket in result.stderr
-
-
-@contextlib.contextmanager
-def unprivileged_user():
-    """A system user for the test; created (and removed again) only if absent."""
-    created = False
-    try:
-        pwd.getpwnam(TEST_USER)
-    except KeyError:
-        subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin",
-                        TEST_USER], check=True, timeout=30)
-        created = True
-    try:
-        yield pwd.getpwnam(TEST_USER)
-    finally:
-        if created:
-            subprocess.run(["userdel", TEST_USER], check=False, timeout=30)
 
 
 def masqctl_as(lab, user, socket_path, groups=None):

@@ -2,31 +2,22 @@
 ipmasqadm(8)): forwarded traffic that a classifier marked passes untouched."""
 
 import os
-import shutil
 import sys
-import tempfile
 
 import pytest
 
 from ipmasq_lab import probes
 
 sys.path.insert(0, os.path.dirname(__file__))
-from test_masqd_agent import Agent  # noqa: E402
-from test_seed_scenarios import FWMARK_SCRIPT, run_script  # noqa: E402
+from masqd_agent import FWMARK_SCRIPT, run_script, running_agent  # noqa: E402
 
 pytestmark = pytest.mark.lab
 
 
 @pytest.fixture
 def gateway(seed_lab):
-    base = tempfile.mkdtemp(prefix="masqd-mfw-")
-    agent = Agent(seed_lab, base)
-    agent.start()
-    try:
+    with running_agent(seed_lab, "masqd-mfw-") as agent:
         yield agent
-    finally:
-        agent.stop()
-        shutil.rmtree(base, ignore_errors=True)
 
 
 def test_forwarded_marked_traffic_passes_untouched(gateway, seed_lab):

@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 sys.path.insert(0, os.path.dirname(__file__))
-from test_masqd_agent import PYTHON, VENV_BIN, Agent  # noqa: E402
+from masqd_agent import PYTHON, VENV_BIN, Agent  # noqa: E402
 
 from masqd.client import Client, MasqdError  # noqa: E402
 

@@ -25,7 +25,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 from reliability_flows import Stream, start_echo  # noqa: E402
-from test_masqd_agent import PYTHON, Agent  # noqa: E402
+from masqd_agent import PYTHON, Agent  # noqa: E402
 
 from masqd.client import AgentUnavailable, Client, MasqdError  # noqa: E402
 from masqd.store import Store  # noqa: E402

@@ -28,7 +28,7 @@ from hypothesis import strategies as st
 
 sys.path.insert(0, os.path.dirname(__file__))
 from reliability_flows import capture_result, start_capture  # noqa: E402
-from test_masqd_agent import PYTHON, VENV_BIN, Agent, unprivileged_user  # noqa: E402
+from masqd_agent import PYTHON, VENV_BIN, Agent, unprivileged_user  # noqa: E402
 
 from ipmasq_lab import probes  # noqa: E402
 from masqd.client import Client  # noqa: E402

@@ -19,7 +19,7 @@ import yaml
 
 sys.path.insert(0, os.path.dirname(__file__))
 from reliability_flows import Stream, start_echo  # noqa: E402
-from test_masqd_agent import VENV_BIN, Agent  # noqa: E402
+from masqd_agent import VENV_BIN, Agent  # noqa: E402
 
 from masqd.client import Client  # noqa: E402
 

@@ -2,53 +2,26 @@
 with the seed's own command lines through masqctl, probed from the lab's hosts."""
 
 import os
-import shutil
 import sys
-import tempfile
 
 import pytest
 
 from ipmasq_lab import probes
 
 sys.path.insert(0, os.path.dirname(__file__))
-from test_masqd_agent import Agent, VENV_BIN  # noqa: E402  (same directory, shared helper)
+from masqd_agent import FWMARK_SCRIPT, run_script, running_agent  # noqa: E402
 
 pytestmark = pytest.mark.lab
 
-FWMARK_SCRIPT = """set -e
-MARK_FRIEND=1
-MARK_NEUTRAL=3
-FRIEND=203.0.113.0/24
-FRIEND_SVR=10.16.0.3/32
-NEUTRAL_SVR=10.16.0.46/32
-
-masqctl mark -I input -s ${FRIEND} -m ${MARK_FRIEND}
-masqctl mark -I input -s ! ${FRIEND} -m ${MARK_NEUTRAL}
-
-masqctl mfw -I -m ${MARK_NEUTRAL} -r ${NEUTRAL_SVR}
-masqctl mfw -I -m ${MARK_FRIEND} -r ${FRIEND_SVR}
-
-masqctl masq -I forward -d ${FRIEND} -s ${FRIEND_SVR} -j MASQ
-masqctl masq -I forward -s ${NEUTRAL_SVR} -j MASQ
-"""
 
 
 @pytest.fixture
 def gateway(seed_lab):
-    base = tempfile.mkdtemp(prefix="masqd-seed-")
-    agent = Agent(seed_lab, base)
-    agent.start()
-    try:
+    with running_agent(seed_lab, "masqd-seed-") as agent:
         yield agent
-    finally:
-        agent.stop()
-        shutil.rmtree(base, ignore_errors=True)
 
 
-def run_script(agent, script):
-    env = dict(os.environ, PATH=VENV_BIN + ":" + os.environ["PATH"], MASQD_SOCKET=agent.socket)
-    result = agent.lab.run("gateway", ["bash", "-c", script], timeout=30, env=env)
-    assert result.returncode == 0, result.stderr
+
 
 
 def test_portfw_prefs_15_and_5_give_15_then_5_connections(gateway, seed_lab):

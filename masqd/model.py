@@ -271,7 +271,7 @@ _PORTFW_FIELDS = frozenset(("protocol", "local_address", "local_port", "backends
 _CANONICAL_PROTOCOL = {p: p for p in FORWARD_PROTOCOLS}  # shared strings, not one per entry
 
 
-def _portfw_fast(raw):  # pylint: disable=unidiomatic-typecheck
+def _portfw_fast(raw):
     """The canonical entry of a well-formed PORTFW entry with backends, or None.
 
     A `set` of 100,000 keys validates every entry; this path takes the common shape
@@ -279,6 +279,7 @@ def _portfw_fast(raw):  # pylint: disable=unidiomatic-typecheck
     missing or unknown field, a wrong type, a bad value, a duplicate) returns None, and
     normalize_portfw's full validator runs and names the field. Exact type checks on
     purpose: bool is an int subclass, and isinstance would let `true` through as a port."""
+    # pylint: disable=unidiomatic-typecheck
     try:
         if type(raw) is not dict or len(raw) != 4 or raw.keys() != _PORTFW_FIELDS:
             return None

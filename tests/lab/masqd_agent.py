@@ -86,7 +86,6 @@ class Agent:
         return files
 
 
-
 @contextlib.contextmanager
 def running_agent(lab, prefix="masqd-lab-", mode=None, **agent_options):
     """An Agent on `lab`'s gateway in a fresh directory, stopped and removed afterwards."""

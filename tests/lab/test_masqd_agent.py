@@ -17,6 +17,7 @@ from masqd_agent import PYTHON, VENV_BIN, Agent, unprivileged_user  # noqa: E402
 
 pytestmark = pytest.mark.lab
 
+
 @pytest.fixture
 def workdir():
     """A private directory non-root test users can traverse (pytest's tmp_path cannot)."""

@@ -14,14 +14,10 @@ from masqd_agent import FWMARK_SCRIPT, run_script, running_agent  # noqa: E402
 pytestmark = pytest.mark.lab
 
 
-
 @pytest.fixture
 def gateway(seed_lab):
     with running_agent(seed_lab, "masqd-seed-") as agent:
         yield agent
-
-
-
 
 
 def test_portfw_prefs_15_and_5_give_15_then_5_connections(gateway, seed_lab):

@@ -21,20 +21,12 @@ GAPS = {
         "per-packet work. A faster machine with more cores widens the gap (socat is one "
         "process per connection, bound to one core)."),
     "apply ": (
-        "Where the time goes is in the cProfile (`%(profile)s`): model.normalize_table "
-        "(validation, ~40%%: `_backends`/`normalize_portfw` per entry), render "
-        "(`portfw_fragment`, one Fragment with three dicts per key), render.diff over 100,000 "
-        "fragments, the nft transaction itself (~0.9 s, the floor), JSON parsing (~0.5 s). "
-        "What would close it (masqd core, not edited here): a fast path in model for the "
-        "common single-backend entry (cache ipaddress canonicalisation; validate ints inline); "
-        "when the old table is empty, emit element lines straight from the entries instead of "
-        "building and diffing 100,000 Fragments; keep single-backend keys as (elem key, value) "
-        "tuples rather than Fragment objects (also the RSS below)."),
+        "Where the time goes is in the cProfile (`%(profile)s`): validation, render + diff, "
+        "the libnftables transaction (~0.9 s, the floor), JSON parsing. docs/architecture.md "
+        "(Performance) has the breakdown and what was done about it."),
     "full table fits one socket request": (
-        "The daemon refuses requests over 1 MiB (masqd/server.py MAX_REQUEST); a 100,000-key "
-        "`set` is ~14 MB of JSON, so today a full table can only be applied in-process or from "
-        "the state file at start. A streamed/chunked `set` (e.g. `set_begin`/`set_chunk`/"
-        "`set_commit` under one revision) or a larger limit for `set` would close it."),
+        "The daemon refuses requests over masqd/server.py MAX_REQUEST; a 100,000-key `set` is "
+        "~14 MB of JSON."),
     "add/remove one key": (
         "See the per-op timings; single-key ops diff one fragment, so their cost should not "
         "depend on the table size."),
@@ -231,14 +223,14 @@ def control_section(doc):
             ("agent RSS with the keys loaded / after the single-key ops",
              "%s / %s MiB" % (f(s["daemon_rss_mib"], "%.0f"), f(s["daemon_rss_after_ops_mib"], "%.0f"))),
             ("flush the table via socket", f(s["socket_flush_s"]) + " s"),
-            ("set 5,000 keys via socket (%d bytes, under the 1 MiB request limit)" % s["socket_set_5000_request_bytes"],
+            ("set 5,000 keys via socket (%d bytes)" % s["socket_set_5000_request_bytes"],
              f(s["socket_set_5000_s"]) + " s"),
             ("size of a full-table set request", "%.1f MB" % (s["full_table_request_bytes"] / 1e6))]
     return ("## 4. Control plane at %d keys\n\n%s\n\n" % (doc["method"]["keys"], _method(doc))
             + table(["measure", "value"], rows)
-            + "\nProfile of the full apply: `%s`. Memory: the agent keeps one render.Fragment (three "
-              "dicts) plus the normalized entry per key, ~4.5 KiB per PORTFW key at 100,000 keys; "
-              "compact per-key rendering (element tuples for single-backend keys) would cut it.\n\n"
+            + "\nProfile of the full apply: `%s`. Memory: the agent holds each PORTFW key once, as "
+              "its canonical entry, and renders its nft objects on demand (docs/architecture.md, "
+              "Performance).\n\n"
             % doc["method"]["profile"])
 
 

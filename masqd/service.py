@@ -18,7 +18,7 @@ from masqd.model import TABLES, ValidationError
 from masqd.nft import NftError
 from masqd.store import JOURNAL_MAX, Store
 
-_REQUEST_FIELDS = ("op", "table", "entry", "entries", "revision", "mark")
+_REQUEST_FIELDS = ("op", "table", "tables", "entry", "entries", "revision", "mark")
 _WRITE_OPS = ("add", "insert", "edit", "delete", "flush", "set", "schedule")
 _BACKEND_TABLES = ("portfw", "mfw")
 _WHOLE_TABLE_FRAGMENTS = ("marks", "masquerade")
@@ -228,24 +228,48 @@ class Service:
         return self._replace(table, {}), {"entries": []}
 
     def _op_set(self, request):
+        if "tables" in request:
+            news = self._tables_arg(request)
+            return self._replace_many(news), {"tables": {t: list(e.values()) for t, e in news.items()}}
         table = self._table(request)
         new = model.normalize_table(table, request.get("entries"), "entries")
         return self._replace(table, new), {"entries": list(new.values())}
 
     def _op_plan(self, request):
-        table = self._table(request)
-        new = model.normalize_table(table, request.get("entries"), "entries")
-        fids, heads = self._fids_for_replace(table, new)
-        new_rs = self._render_changes(table, new, fids, heads)
-        txn = render.diff(self._ruleset, new_rs, new_rs_ids(table, fids))
+        if "tables" in request:
+            news = self._tables_arg(request)
+        else:
+            table = self._table(request)
+            news = {table: model.normalize_table(table, request.get("entries"), "entries")}
+        changes, heads = self._changes_for_replace(news)
+        new_rs, fids = self._render_changes(changes, heads)
+        txn = render.diff(self._ruleset, new_rs, fids)
         if txn:
             try:
                 self.nft.apply(txn, dry_run=True)
             except NftError as exc:
-                raise KernelRejected(_kernel_error("entries", exc)) from None
-        before = list(self._tables[table].values())
-        after = list(new.values())
-        return False, {"changed": before != after, "before": before, "after": after, "nft": txn.to_text()}
+                raise KernelRejected(_kernel_error("tables" if "tables" in request else "entries", exc)) from None
+        before = {t: list(self._tables[t].values()) for t in news}
+        after = {t: list(new.values()) for t, new in news.items()}
+        result = {"changed": before != after, "nft": txn.to_text()}
+        if "tables" in request:
+            result.update(before=before, after=after)
+        else:
+            result.update(before=before[table], after=after[table])
+        return False, result
+
+    def _tables_arg(self, request):
+        """`tables` of a multi-table set/plan: {table: entries}, each validated."""
+        if "table" in request or "entries" in request:
+            raise ValidationError("tables", None, "give either table and entries, or tables")
+        raw = request["tables"]
+        if not isinstance(raw, dict) or not raw:
+            raise ValidationError("tables", raw, "must be an object {table: [entries]} naming at least one table")
+        news = {}
+        for name, entries in raw.items():
+            table = model.table_name(name, "tables")
+            news[table] = model.normalize_table(table, entries, "tables.%s" % table)
+        return news
 
     def _op_schedule(self, request):
         if "mark" not in request:
@@ -261,7 +285,7 @@ class Service:
         if current_head(render.mfw_order(entry, heads[mark]), None) is head:
             # One backend, or a mixed list that settles on the same pref-0 backend.
             return False, {"head": {"address": head["address"], "port": head["port"]}}
-        changed = self._commit("mfw", dict(self._tables["mfw"]), [mark], heads, {"put": [], "delete": []})
+        changed = self._commit({"mfw": (dict(self._tables["mfw"]), [mark])}, heads, {"put": [], "delete": []})
         return changed, {"head": heads[mark]}
 
     # --- write helpers --------------------------------------------------------------------
@@ -311,47 +335,63 @@ class Service:
                 heads = {k: v for k, v in heads.items() if k != key}
         keys = list(puts) + list(deletes)
         record = {"put": list(puts.values()), "delete": [list(k) if isinstance(k, tuple) else k for k in deletes]}
-        return self._commit(table, new, keys, heads, record)
+        return self._commit({table: (new, keys)}, heads, record)
 
-    def _fids_for_replace(self, table, new):
-        old = self._tables[table]
-        keys = [k for k in old if k not in new] + [k for k, e in new.items() if old.get(k) != e]
+    def _changes_for_replace(self, news):
+        """{table: (new table, keys that differ)} and the mfw heads of replacing tables."""
+        changes = {}
+        for table, new in news.items():
+            old = self._tables[table]
+            if list(old.items()) != list(new.items()):
+                changes[table] = (new, [k for k in old if k not in new]
+                                  + [k for k, e in new.items() if old.get(k) != e])
         heads = self._mfw_heads
-        if table == "mfw":
-            heads = {k: v for k, v in heads.items() if k in new}
-        return keys, heads
+        if "mfw" in changes:
+            heads = {k: v for k, v in heads.items() if k in news["mfw"]}
+        return changes, heads
 
     def _replace(self, table, new):
-        if list(self._tables[table].items()) == list(new.items()):
+        return self._replace_many({table: new})
+
+    def _replace_many(self, news):
+        changes, heads = self._changes_for_replace(news)
+        if not changes:
             return False
-        keys, heads = self._fids_for_replace(table, new)
-        return self._commit(table, new, keys, heads, None)
+        return self._commit(changes, heads, None)
 
-    def _render_changes(self, table, new_table, keys, heads):
-        if table == "portfw":  # rendered on demand from the entries (render.Ruleset)
-            return self._ruleset.replace({}, portfw=new_table)
+    def _render_changes(self, changes, heads):
+        """The Ruleset after `changes` ({table: (new table, keys)}) and the fragment ids
+        they touch, in order (a list: the transaction's text follows the keys' order)."""
         tables = dict(self._tables)
-        tables[table] = new_table
-        changes = {}
-        if table in _WHOLE_TABLE_FRAGMENTS:
-            keys = [None]
-        for key in keys:
-            fid, frag = render.fragment_for(table, key, tables, heads)
-            changes[fid] = frag
-        return self._ruleset.replace(changes)
+        for table, (new_table, _keys) in changes.items():
+            tables[table] = new_table
+        fragments, fids, portfw = {}, [], None
+        for table, (new_table, keys) in changes.items():
+            fids += new_rs_ids(table, keys)
+            if table == "portfw":  # rendered on demand from the entries (render.Ruleset)
+                portfw = new_table
+                continue
+            for key in [None] if table in _WHOLE_TABLE_FRAGMENTS else keys:
+                fid, frag = render.fragment_for(table, key, tables, heads)
+                fragments[fid] = frag
+        return self._ruleset.replace(fragments, portfw=portfw), fids
 
-    def _commit(self, table, new_table, keys, heads, record):
-        """Apply and persist. `record` is the journal record, or None for a snapshot."""
-        new_rs = self._render_changes(table, new_table, keys, heads)
-        fids = new_rs_ids(table, keys)  # a list: the transaction's text follows the keys' order
+    def _commit(self, changes, heads, record):
+        """Apply and persist `changes` ({table: (new table, keys)}) in one transaction.
+        `record` is the journal record of a one-table change, or None for a snapshot."""
+        new_rs, fids = self._render_changes(changes, heads)
         txn = render.diff(self._ruleset, new_rs, fids)
         field = "entries" if record is None else "entry"
+        if record is None and len(changes) > 1:
+            field = "tables"
         self._apply(txn, new_rs, field)
         revision = self._revision + 1
         tables = dict(self._tables)
-        tables[table] = new_table
+        for table, (new_table, _keys) in changes.items():
+            tables[table] = new_table
         try:
             if record is not None and self.store.journal_records < JOURNAL_MAX:
+                (table,) = changes
                 record = dict(record, revision=revision, table=table)
                 if heads is not self._mfw_heads:
                     record["mfw_heads"] = {str(k): v for k, v in heads.items()}
@@ -364,10 +404,11 @@ class Service:
             self._rollback(new_rs, fids)
             raise KernelRejected({"field": "state_dir", "value": self.store.state_dir,
                                   "message": "could not persist the state, change rolled back: %s" % exc})
-        old_table = self._tables[table]
+        old_autofw = self._tables["autofw"]
         self._tables, self._mfw_heads, self._revision, self._ruleset = tables, heads, revision, new_rs
-        if table == "autofw":
-            self._autofw_forget([k for k in keys if old_table.get(k) != new_table.get(k)])
+        if "autofw" in changes:
+            new_autofw = changes["autofw"][0]
+            self._autofw_forget([k for k in changes["autofw"][1] if old_autofw.get(k) != new_autofw.get(k)])
         return True
 
     def _apply(self, txn, new_rs, field):

@@ -246,3 +246,51 @@ def test_journal_then_snapshot_reload(tmp_path):
     again = Service(str(tmp_path), nft=FakeNftables())
     again.start()
     assert [e["local_port"] for e in ok(again, op="get", table="portfw")["result"]["entries"]] == [1, 2, 4, 5]
+
+
+MARK = {"name": "friend", "mark": 1, "source": "203.0.113.0/24"}
+MFW = {"mark": 1, "backends": [{"address": "10.16.0.3", "port": None, "pref": 10}]}
+
+
+def test_set_of_several_tables_is_one_transaction_and_one_revision(svc):
+    before = len(svc.nft.transactions)
+    r = ok(svc, op="set", tables={"portfw": [WEB], "marks": [MARK], "mfw": [MFW]})
+    assert r["changed"] and r["revision"] == 1
+    assert len(svc.nft.transactions) == before + 1
+    assert sorted(r["result"]["tables"]) == ["marks", "mfw", "portfw"]
+    assert svc.nft.dump() == svc._ruleset.dump()
+    # Tables the request does not name are untouched; the same request again changes nothing.
+    ok(svc, op="add", table="masquerade", entry={"name": "web", "source": "10.16.0.27/32"})
+    r = ok(svc, op="set", tables={"portfw": [WEB], "marks": [MARK], "mfw": [MFW]})
+    assert not r["changed"] and r["revision"] == 2
+    assert len(ok(svc, op="get", table="masquerade")["result"]["entries"]) == 1
+    # A restart loads what the multi-table set stored.
+    again = Service(svc.store.state_dir, nft=FakeNftables())
+    again.start()
+    assert again.handle({"op": "get"}) == svc.handle({"op": "get"})
+
+
+def test_plan_of_several_tables_applies_nothing(svc):
+    r = ok(svc, op="plan", tables={"portfw": [WEB], "marks": [MARK]})
+    assert r["result"]["changed"] and not r["changed"]
+    assert r["result"]["before"] == {"portfw": [], "marks": []}
+    assert "198.51.100.1 . tcp . 80" in r["result"]["nft"]
+    assert svc.nft.dump() == render.render({}).dump()
+
+
+@pytest.mark.parametrize("tables, field", [
+    ({}, "tables"), ([], "tables"), ({"nosuch": []}, "tables"),
+    ({"portfw": [WEB], "marks": [dict(MARK, mark=0)]}, "tables.marks[0].mark"),
+    ({"portfw": "x"}, "tables.portfw"),
+])
+def test_bad_multi_table_set_names_the_field_and_changes_nothing(svc, tables, field):
+    ok(svc, op="add", table="portfw", entry=WEB)
+    state = snapshot(svc)
+    resp = svc.handle({"op": "set", "tables": tables})
+    assert not resp["ok"] and resp["error"]["field"] == field, resp
+    assert snapshot(svc)[:3] == state[:3]
+
+
+def test_tables_and_table_together_are_refused(svc):
+    resp = svc.handle({"op": "set", "table": "portfw", "tables": {"portfw": []}})
+    assert not resp["ok"] and resp["error"]["field"] == "tables"

@@ -13,13 +13,15 @@ error (the usage text is printed, as ipmasqadm did).
 import json
 import sys
 
-from masqd import ipmasqadm, listing
+from masqd import import_export, ipmasqadm, listing
 from masqd.client import AgentUnavailable, Client, MasqdError
 
 USAGE = """\
 Usage: masqctl [--socket PATH] [--json] MODULE [module-specific-options]
        masqctl MODULE -h
        masqctl status
+       masqctl import [--skip-unknown] FILE|-   legacy script -> the role's table variables (YAML)
+       masqctl export                           the agent's tables as the same YAML
 
 Modules (the seed's ipmasqadm and ipchains syntax, only the program name differs):
     autofw   auto-forwarding            (ipmasqadm autofw)
@@ -68,6 +70,15 @@ def run(argv, client_factory=Client, out=sys.stdout, err=sys.stderr, names=None)
         (out if argv else err).write(USAGE)
         return EXIT_OK if argv else EXIT_USAGE
     module = argv[0]
+    if module == "import":  # needs no agent
+        return import_export.run_import(argv[1:], out=out, err=err)
+    if module == "export":
+        try:
+            with client_factory(socket_path) as client:
+                return import_export.run_export(argv[1:], client, out=out, err=err)
+        except (MasqdError, AgentUnavailable) as exc:
+            err.write("masqctl export: %s\n" % exc)
+            return EXIT_REFUSED
     try:
         if module == "status":
             if len(argv) > 1:

@@ -1,0 +1,1 @@
+../../masqd/ipmasqadm.py

@@ -1,0 +1,1 @@
+../../masqd/legacy_import.py

@@ -362,6 +362,8 @@ def _ipchains_argv(args):
         if word in ("-j", "--jump") and index + 1 < len(args):
             target = args[index + 1].upper()
     marks = any(word in ("-m", "--mark") for word in args)
+    if args and args[0] in ("-P", "--policy", "-N", "--new-chain", "-X", "--delete-chain", "-Z", "--zero"):
+        raise ValueError("ipchains %s manages filtering chains, which have no masqd table" % args[0])
     if args and args[0] in ("-F", "--flush"):
         chain = args[1] if len(args) > 1 else None
         if chain not in _CHAIN_TABLES or len(args) > 2:

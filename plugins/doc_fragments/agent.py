@@ -40,18 +40,32 @@ options:
         without O(config) it removes every entry.
       - V(gathered) reads the table and returns it in RV(gathered); nothing changes.
       - V(rendered) returns in RV(rendered) the table O(config) describes, with every
-        default filled in, without changing the gateway. When the agent is reachable
-        the table is validated by its C(plan) (the kernel's dry run) and the nftables
-        text is returned in RV(nft); otherwise only the option types are checked and
-        RV(validated) is false.
+        default filled in, without changing the gateway and without contacting the
+        agent (only the option types and ranges are checked). To have the agent
+        validate a table (the kernel's dry run, the nftables text in RV(nft)), run
+        V(overridden) in check mode.
+      - V(parsed) returns in RV(parsed) this module's table as the legacy script in
+        O(running_config) leaves it (C(ipmasqadm) and C(ipchains) lines, read as
+        C(masqctl import) reads them), every default filled in, without contacting
+        the agent.
       - Entries keep their position in the table; new keys are appended in O(config) order.
       - The whole table is written in one compare-and-set C(set) (with the revision read
         before), so the change is atomic; if another writer changed the table in
         between, the module re-reads and retries once. A table that already matches is
         not written at all.
     type: str
-    choices: [merged, replaced, overridden, deleted, gathered, rendered]
+    choices: [merged, replaced, overridden, deleted, gathered, rendered, parsed]
     default: merged
+  running_config:
+    description:
+      - With O(state=parsed), the text of a legacy rc script, for example
+        C("{{ lookup('ansible.builtin.file', 'rc.firewall') }}").
+      - C(ipmasqadm portfw|autofw|mfw) lines, C(ipchains ... -m MARK) (marks) and
+        C(ipchains ... -j MASQ) (masquerade) lines, comments, blank lines and shell
+        variables (C(NAME=value), C($NAME), C(${NAME})); the same text C(masqctl import)
+        reads. Lines for other tables are read (they may define the order) but not returned.
+      - A line that cannot be translated fails the task with its line number and why.
+    type: str
 attributes:
   check_mode:
     support: full

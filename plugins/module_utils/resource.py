@@ -14,7 +14,7 @@ import copy
 import ipaddress
 import json
 
-STATES = ("merged", "replaced", "overridden", "deleted", "gathered", "rendered")
+STATES = ("merged", "replaced", "overridden", "deleted", "gathered", "rendered", "parsed")
 
 # Per table: the key fields (in order), every field with its default (in the API's
 # order), the fields that hold addresses, and whether entries carry `backends`.

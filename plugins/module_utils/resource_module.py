@@ -10,7 +10,6 @@ import json
 from ansible_collections.ipmasq.gateway.plugins.module_utils.masqd_client import (
     DEFAULT_SOCKET,
     MasqdClient,
-    MasqdConnectionError,
     MasqdError,
     MasqdNotRunning,
 )
@@ -24,6 +23,7 @@ from ansible_collections.ipmasq.gateway.plugins.module_utils.resource import (
     table_text,
     tables_equal,
 )
+from ansible_collections.ipmasq.gateway.plugins.module_utils import legacy_import
 
 PORT_FIELDS = ("local_port", "port", "low_port", "high_port", "control_port")
 MAX_MARK = 2 ** 32 - 1
@@ -40,7 +40,8 @@ def resource_argument_spec(entry_options, entry_mutually_exclusive=None, entry_r
         config["mutually_exclusive"] = entry_mutually_exclusive
     if entry_required_together:
         config["required_together"] = entry_required_together
-    spec = {"config": config, "state": {"type": "str", "choices": list(STATES), "default": "merged"}}
+    spec = {"config": config, "state": {"type": "str", "choices": list(STATES), "default": "merged"},
+            "running_config": {"type": "str"}}
     spec.update(agent_argument_spec())
     return spec
 
@@ -50,6 +51,7 @@ REQUIRED_IF = [
     ["state", "replaced", ["config"]],
     ["state", "overridden", ["config"]],
     ["state", "rendered", ["config"]],
+    ["state", "parsed", ["running_config"]],
 ]
 
 
@@ -132,6 +134,8 @@ class ResourceModule(object):
             check_config(self.config)
             if self.state == "rendered":
                 return self._rendered()
+            if self.state == "parsed":
+                return self._parsed()
             with self.agent:
                 if self.state == "gathered":
                     response = self.agent.request("get", table=self.table)
@@ -191,19 +195,23 @@ class ResourceModule(object):
         self.module.exit_json(changed=changed, **result)
 
     def _rendered(self):
-        """The table `config` describes, validated by the agent's plan when reachable."""
-        desired = desired_table(self.table, "rendered", self.config, [])
-        result = {"validated": False}
+        """The table `config` describes, defaults filled in; never asks the agent (for the
+        agent's own check, run state=overridden in check mode: its plan and nft text)."""
+        rendered = desired_table(self.table, "rendered", self.config, [])
+        self.module.exit_json(changed=False, rendered=rendered,
+                              commands=table_commands(self.table, [], rendered))
+
+    def _parsed(self):
+        """`running_config` (a legacy ipmasqadm/ipchains script, as `masqctl import`
+        reads it) as this module's table; never asks the agent."""
         try:
-            with self.agent:
-                plan = self._call("plan", desired, result, table=self.table, entries=desired)["result"]
-            rendered = normalize_table(self.table, plan.get("after", desired))
-            result.update(validated=True, nft=plan.get("nft"))
-        except (MasqdNotRunning, MasqdConnectionError):
-            rendered = desired  # no agent to ask: the table as written, checked by type only
-        result["rendered"] = rendered
-        result["commands"] = table_commands(self.table, [], rendered)
-        self.module.exit_json(changed=False, **result)
+            result = legacy_import.translate(self.module.params["running_config"])
+        except legacy_import.TranslateError as error:
+            self.module.fail_json(
+                msg="running_config line %d: %s: %s" % (error.line, error.reason, error.text),
+                error={"field": "running_config", "value": error.line, "message": error.reason, "line": error.text})
+        parsed = normalize_table(self.table, result.entries(self.table))
+        self.module.exit_json(changed=False, parsed=parsed, commands=table_commands(self.table, [], parsed))
 
 
 def run_resource_module(module, table):

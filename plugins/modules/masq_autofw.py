@@ -118,7 +118,7 @@ EXAMPLES = r"""
 RETURN = r"""
 before:
   description: The table before the task, complete entries in table order.
-  returned: when the table was read (not with O(state=gathered) or O(state=rendered))
+  returned: when the table was read (not with O(state=gathered), O(state=rendered) or O(state=parsed))
   type: list
   elements: dict
   sample:
@@ -126,7 +126,7 @@ before:
        control_protocol: tcp, control_port: 7070, timeout: 15, keyed_by_peer: false}
 after:
   description: The table after the task (in check mode, as it would be).
-  returned: when the table was read (not with O(state=gathered) or O(state=rendered))
+  returned: when the table was read (not with O(state=gathered), O(state=rendered) or O(state=parsed))
   type: list
   elements: dict
   sample:
@@ -158,13 +158,16 @@ rendered:
   returned: with O(state=rendered)
   type: list
   elements: dict
-validated:
-  description: Whether the agent's plan validated RV(rendered).
-  returned: with O(state=rendered)
-  type: bool
+parsed:
+  description:
+    - The table the legacy script in O(running_config) leaves, defaults filled in
+      (the entries C(masqctl import) writes for this table).
+  returned: with O(state=parsed)
+  type: list
+  elements: dict
 nft:
   description: The nftables text the agent would apply (from its plan).
-  returned: in check mode when there is a change, and with O(state=rendered) when the agent is reachable
+  returned: in check mode when there is a change
   type: str
 error:
   description: What the agent or the checks refused, naming the field and the value.

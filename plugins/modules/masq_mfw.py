@@ -77,10 +77,14 @@ options:
         without O(config) it removes every entry.
       - V(gathered) reads the table and returns it in RV(gathered); nothing changes.
       - V(rendered) returns in RV(rendered) the table O(config) describes, with every
-        default filled in, without changing the gateway. When the agent is reachable
-        the table is validated by its C(plan) (the kernel's dry run) and the nftables
-        text is returned in RV(nft); otherwise only the option types are checked and
-        RV(validated) is false.
+        default filled in, without changing the gateway and without contacting the
+        agent (only the option types and ranges are checked). To have the agent
+        validate a table (the kernel's dry run, the nftables text in RV(nft)), run
+        V(overridden) in check mode.
+      - V(parsed) returns in RV(parsed) the mfw table as the legacy script in
+        O(running_config) leaves it (C(ipmasqadm) and C(ipchains) lines, read as
+        C(masqctl import) reads them), every default filled in, without contacting
+        the agent.
       - Entries keep their position in the table; new keys are appended in O(config) order.
       - The whole table is written in one compare-and-set C(set) (with the revision read
         before), so the change is atomic; if another writer changed the table in
@@ -88,7 +92,17 @@ options:
         not written at all.
       - Mutually exclusive with O(schedule).
     type: str
-    choices: [merged, replaced, overridden, deleted, gathered, rendered]
+    choices: [merged, replaced, overridden, deleted, gathered, rendered, parsed]
+  running_config:
+    description:
+      - With O(state=parsed), the text of a legacy rc script, for example
+        C("{{ lookup('ansible.builtin.file', 'rc.firewall') }}").
+      - C(ipmasqadm portfw|autofw|mfw) lines, C(ipchains ... -m MARK) (marks) and
+        C(ipchains ... -j MASQ) (masquerade) lines, comments, blank lines and shell
+        variables (C(NAME=value), C($NAME), C(${NAME})); the same text C(masqctl import)
+        reads. Lines for other tables are read but not returned.
+      - A line that cannot be translated fails the task with its line number and why.
+    type: str
 extends_documentation_fragment:
   - ipmasq.gateway.agent
 attributes:
@@ -138,7 +152,7 @@ before:
     - The table before the task, complete entries in table order.
     - With O(schedule), each mark's backends are listed in scheduling order, starting at the
       current head (the agent keeps the head apart from the configured order).
-  returned: when the table was read (not with O(state=gathered) or O(state=rendered))
+  returned: when the table was read (not with O(state=gathered), O(state=rendered) or O(state=parsed))
   type: list
   elements: dict
   sample:
@@ -148,7 +162,7 @@ before:
         - {address: 10.16.0.11, port: 443, pref: 0}
 after:
   description: The table after the task (in check mode, as it would be).
-  returned: when the table was read (not with O(state=gathered) or O(state=rendered))
+  returned: when the table was read (not with O(state=gathered), O(state=rendered) or O(state=parsed))
   type: list
   elements: dict
   sample:
@@ -181,13 +195,16 @@ rendered:
   returned: with O(state=rendered)
   type: list
   elements: dict
-validated:
-  description: Whether the agent's plan validated RV(rendered).
-  returned: with O(state=rendered)
-  type: bool
+parsed:
+  description:
+    - The table the legacy script in O(running_config) leaves, defaults filled in
+      (the entries C(masqctl import) writes for this table).
+  returned: with O(state=parsed)
+  type: list
+  elements: dict
 nft:
   description: The nftables text the agent would apply (from its plan).
-  returned: in check mode when there is a change, and with O(state=rendered) when the agent is reachable
+  returned: in check mode when there is a change
   type: str
 error:
   description: What the agent or the checks refused, naming the field and the value.

@@ -100,6 +100,16 @@ EXAMPLES = r"""
     state: gathered
   register: portfw
 
+- name: The PORTFW table an old rc script sets up (no agent needed)
+  ipmasq.gateway.masq_portfw:
+    running_config: |
+      EXTIP=198.51.100.1
+      ipmasqadm portfw -f
+      ipmasqadm portfw -a -P tcp -L $EXTIP 80 -R 10.16.0.27 80 -p 15
+      ipmasqadm portfw -a -P tcp -L $EXTIP 80 -R 10.16.0.28 80 -p 5
+    state: parsed
+  register: legacy
+
 - name: Talk to an agent on a non-default socket, for every masq_* task of the play
   module_defaults:
     group/ipmasq.gateway.masq:
@@ -111,7 +121,7 @@ EXAMPLES = r"""
 RETURN = r"""
 before:
   description: The table before the task, complete entries in table order.
-  returned: when the table was read (not with O(state=gathered) or O(state=rendered))
+  returned: when the table was read (not with O(state=gathered), O(state=rendered) or O(state=parsed))
   type: list
   elements: dict
   sample:
@@ -122,7 +132,7 @@ before:
         - {address: 10.16.0.27, port: 80, pref: 15}
 after:
   description: The table after the task (in check mode, as it would be).
-  returned: when the table was read (not with O(state=gathered) or O(state=rendered))
+  returned: when the table was read (not with O(state=gathered), O(state=rendered) or O(state=parsed))
   type: list
   elements: dict
   sample:
@@ -158,13 +168,16 @@ rendered:
   returned: with O(state=rendered)
   type: list
   elements: dict
-validated:
-  description: Whether the agent's plan validated RV(rendered).
-  returned: with O(state=rendered)
-  type: bool
+parsed:
+  description:
+    - The table the legacy script in O(running_config) leaves, defaults filled in
+      (the entries C(masqctl import) writes for this table).
+  returned: with O(state=parsed)
+  type: list
+  elements: dict
 nft:
   description: The nftables text the agent would apply (from its plan).
-  returned: in check mode when there is a change, and with O(state=rendered) when the agent is reachable
+  returned: in check mode when there is a change
   type: str
 error:
   description: What the agent or the checks refused.

@@ -36,6 +36,10 @@ def parse_args(argv):
     parser.add_argument("--no-autofw-watcher", action="store_true",
                         help="do not watch conntrack events (AUTOFW control-port entries "
                         "then never get a recipient)")
+    parser.add_argument("--salvage-state", action="store_true",
+                        help="damaged state files: keep a copy of them, load what is valid up "
+                        "to the first damage, write a clean snapshot, report what was dropped "
+                        "and exit (docs/state.md)")
     parser.add_argument("--log-level", default="info",
                         choices=["debug", "info", "warning", "error"],
                         help="default %(default)s")
@@ -59,6 +63,26 @@ def remove_pidfile(path):
         pass
 
 
+def salvage_state(state_dir):
+    """--salvage-state: see masqd.store.Store.salvage and docs/state.md."""
+    from masqd.store import Store, StoreError
+    try:
+        report = Store(state_dir).salvage()
+    except (StoreError, OSError) as exc:
+        log.error("salvage failed: %s", exc)
+        return 1
+    if not report["damaged"]:
+        log.info("salvage: the state in %s is intact (revision %s), nothing changed", state_dir, report["revision"])
+        return 0
+    for copy in report["copies"]:
+        log.warning("salvage: damaged file kept as %s", copy)
+    for item in report["dropped"]:
+        log.warning("salvage: dropped %s", item)
+    log.warning("salvage: clean snapshot written at revision %d (%s); start masqd again", report["revision"],
+                ", ".join("%s %d" % kv for kv in report["entries"].items()))
+    return 0
+
+
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(stream=sys.stderr, level=args.log_level.upper(), format=LOG_FORMAT)
@@ -66,6 +90,21 @@ def main(argv=None):
 
     # Imported here so `masqd --help` works without libnftables.
     from masqd.service import Service
+
+    # One agent per state dir and per network namespace, decided before anything else
+    # (masqd.instance_lock); the locks live as long as the process.
+    from masqd.instance_lock import AlreadyRunning, InstanceLock
+    from masqd.store import Store, StoreError
+    try:
+        Store(args.state_dir).ensure_dir()
+        instance = InstanceLock(args.state_dir)
+        instance.acquire_state_dir()
+        if args.salvage_state:
+            return salvage_state(args.state_dir)
+        instance.acquire_netns()
+    except (AlreadyRunning, StoreError, OSError) as exc:
+        log.error("cannot start: %s", exc)
+        return 1
 
     try:
         server = Server(None, socket_path, group=args.group)
@@ -89,7 +128,7 @@ def main(argv=None):
         service.socket_path = server.socket_path
         service.start()
         if not args.no_autofw_watcher:
-            from masqd.autofw_watch import AutofwWatcher
+            from masqd.watchers.conntrack import AutofwWatcher
             service.watcher = AutofwWatcher(service)
             if not service.watcher.start():
                 log.error("autofw watcher not running: %s", service.watcher.error)

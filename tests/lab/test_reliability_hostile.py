@@ -459,7 +459,8 @@ def spoofed_from_client(seed_lab):
                    "address only) and rp_filter off in the gateway namespace (the kernel default), a packet "
                    "from the client side with a spoofed friend source (203.0.113.77) is marked 1 and DNATed to "
                    "friendsrv. Fix: input_interface on the friend classifier (masqctl mark -i eth2 ...), or "
-                   "rp_filter=1 on the gateway: both proven by the test below")
+                   "rp_filter=1 on the gateway: both proven by the test below; the gateway role sets "
+                   "rp_filter=1 by default (gateway_rp_filter), proven in tests/ansible/test_role_rp_filter.py")
 def test_spoofed_friend_source_from_the_client_side_never_reaches_the_friend_server(fwmark, seed_lab):
     assert seed_lab.sysctl("gateway", "net.ipv4.conf.eth0.rp_filter") in (0, "0")
     arrived, crafted_arrived = spoofed_from_client(seed_lab)

@@ -2,7 +2,7 @@
 as the gateway role's table variables (YAML).
 
     masqctl import [--skip-unknown] FILE|-     needs no agent
-    masqctl export                             the agent's tables, one consistent read
+    masqctl export [--script]                  the agent's tables, one consistent read
 
 Exit status: 0 done; 1 agent refused or not running (export); 2 usage error or a line
 import cannot translate (its number and why on stderr).
@@ -16,7 +16,7 @@ from masqd import legacy_import, yaml_out
 
 IMPORT_USAGE = """\
 Usage: masqctl import [--skip-unknown] FILE|-
-       masqctl export
+       masqctl export [--script]
 
 import   reads a shell script of ipmasqadm portfw|autofw|mfw and ipchains lines
          (-m MARK rules: marks, -j MASQ rules: masquerade; comments, blank lines and
@@ -26,7 +26,9 @@ import   reads a shell script of ipmasqadm portfw|autofw|mfw and ipchains lines
          Only the tables the script names are written. Host and service names are
          resolved as masqctl resolves them. A line it cannot translate: exit 2 with the
          line number and why; --skip-unknown comments such lines out instead.
-export   prints the running agent's tables as the same YAML.
+export   prints the running agent's tables as the same YAML; with --script, as
+         masqctl lines that rebuild them (`masqctl import` of that script gives the
+         same YAML as `masqctl export`).
 """
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE = 0, 1, 2
@@ -71,12 +73,89 @@ def run_import(argv, out=sys.stdout, err=sys.stderr, stdin=sys.stdin, lookup=Non
 
 def run_export(argv, client, out=sys.stdout, err=sys.stderr) -> int:
     """`client`: an open masqd.client.Client (errors are the caller's to report)."""
-    if argv:
-        if argv[0] in ("-h", "--help"):
+    as_script = False
+    for token in argv:
+        if token in ("-h", "--help"):
             out.write(IMPORT_USAGE)
             return EXIT_OK
-        err.write("masqctl export: takes no arguments\n%s" % IMPORT_USAGE)
-        return EXIT_USAGE
+        if token != "--script":
+            err.write("masqctl export: unknown argument %s\n%s" % (token, IMPORT_USAGE))
+            return EXIT_USAGE
+        as_script = True
     envelope = client.request("get")
-    out.write(yaml_out.export_document(envelope["result"]["tables"], envelope.get("revision")))
+    tables = envelope["result"]["tables"]
+    if as_script:
+        out.write(script(tables, envelope.get("revision")))
+    else:
+        out.write(yaml_out.export_document(tables, envelope.get("revision")))
     return EXIT_OK
+
+
+# -- export --script: masqctl lines in the seed's syntax ------------------------------
+
+def _ports(ports) -> str:
+    return ",".join(str(port) for port in ports)
+
+
+def _criteria(entry) -> list:
+    words = []
+    if entry.get("protocol"):
+        words += ["-p", entry["protocol"]]
+    for field, flag in (("source", "-s"), ("destination", "-d")):
+        if entry.get(field):
+            words += [flag] + (["!"] if entry.get(field + "_invert") else []) + [entry[field]]
+    for field, flag in (("source_ports", "--sport"), ("destination_ports", "--dport")):
+        if entry.get(field):
+            words += [flag, _ports(entry[field])]
+    for field, flag in (("input_interface", "-i"), ("output_interface", "-o")):
+        if entry.get(field):
+            words += [flag, entry[field]]
+    return words
+
+
+def entry_lines(table: str, entry: dict) -> list:
+    """masqctl lines that add `entry` (complete, as the agent returns it) to `table`."""
+    e = legacy_import.canonical(table, entry)
+    if table == "portfw":
+        return ["masqctl portfw -a -P %s -L %s %d -R %s %d -p %d" % (
+            e["protocol"], e["local_address"], e["local_port"], b["address"], b["port"], b["pref"])
+            for b in e["backends"]]
+    if table == "mfw":
+        return ["masqctl mfw -A -m %d -r %s%s -p %d" % (
+            e["mark"], b["address"], "" if b["port"] is None else " %d" % b["port"], b["pref"])
+            for b in e["backends"]]
+    if table == "autofw":
+        if e["hidden_host"]:
+            recipient = "-h %s" % e["hidden_host"]
+        else:
+            recipient = "-c %s %d" % (e["control_protocol"], e["control_port"])
+            if e["keyed_by_peer"]:
+                recipient += " --keyed-by-peer"
+        return ["masqctl autofw -A -r %s %d %d %s -t %d" % (
+            e["protocol"], e["low_port"], e["high_port"], recipient, e["timeout"])]
+    if table == "marks":
+        return [" ".join(["masqctl", "mark", "-A", "input", "--name", e["name"]] + _criteria(e)
+                         + ["-m", str(e["mark"])])]
+    extras = []
+    if e["pool"]:
+        extras += ["--pool", ",".join(e["pool"])]
+    if e["pool_ports"]:
+        extras += ["--pool-ports", _ports(e["pool_ports"])]
+    if e["helpers"]:
+        extras += ["--helper", ",".join(e["helpers"])]
+    return [" ".join(["masqctl", "masq", "-A", "forward", "--name", e["name"]] + _criteria(e) + extras
+                     + ["-j", "MASQ"])]
+
+
+_FLUSH = {"portfw": "masqctl portfw -f", "autofw": "masqctl autofw -F", "mfw": "masqctl mfw -F",
+          "marks": "masqctl mark -F", "masquerade": "masqctl masq -F"}
+
+
+def script(tables: dict, revision=None) -> str:
+    lines = ["#!/bin/sh", "# masqctl export --script%s: the agent's tables as masqctl lines"
+             % ("" if revision is None else " (agent revision %s)" % revision), "set -e"]
+    for table, variable in legacy_import.TABLE_VARIABLES:
+        lines += ["", "# %s" % variable, _FLUSH[table]]
+        for entry in tables.get(table, []):
+            lines += entry_lines(table, entry)
+    return "\n".join(lines) + "\n"

@@ -345,8 +345,15 @@ def _argv(words: list) -> list:
     """masqctl argv (MODULE ARGS...) of a command's words, or ValueError why not."""
     program = os.path.basename(words[0])
     if program == "masqctl":
-        words = [w for w in words[1:] if not w.startswith("--socket")]
-        return words
+        argv, rest = [], iter(words[1:])
+        for word in rest:
+            if word == "--socket":
+                next(rest, None)
+            elif not word.startswith("--socket=") and word != "--json":
+                argv.append(word)
+        if not argv or argv[0] not in ipmasqadm.MODULES:
+            raise ValueError("masqctl: only the %s modules have tables" % ", ".join(ipmasqadm.MODULES))
+        return argv
     if program == "ipmasqadm":
         if len(words) < 2 or words[1] not in ("autofw", "portfw", "mfw"):
             raise ValueError("ipmasqadm: only the autofw, portfw and mfw modules have tables")

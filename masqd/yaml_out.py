@@ -63,6 +63,8 @@ def document(variables: list, header: tuple = ()) -> str:
     """`variables`: [(name, [(entry, [comment, ...]), ...])] in the order to write.
     Each entry is preceded by its comments; an empty list is written as `[]`."""
     lines = ["---"] + [comment(text) for text in header]
+    if not variables:
+        lines.append("{}")  # no table named: an empty mapping, not an empty document
     for name, entries in variables:
         if not entries:
             lines.append("%s: []" % name)

@@ -1,0 +1,512 @@
+"""masqctl import / export: legacy scripts -> the role's table variables (YAML).
+
+The importer is checked against the agent itself: every generated script is also run
+line by line, as masqctl runs it, through a real Service (with FakeNftables), and the
+imported tables must be the tables the agent holds afterwards, in order."""
+
+import io
+import os
+import re
+import shutil
+import tempfile
+
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from masqd import import_export, ipmasqadm, legacy_import, masqctl, yaml_out
+from masqd.client import MasqdError
+from masqd.nft import FakeNftables
+from masqd.service import Service
+
+EXAMPLES = int(os.environ.get("MASQD_FUZZ_EXAMPLES", 150))
+SETTINGS = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
+TABLES = [table for table, _variable in legacy_import.TABLE_VARIABLES]
+
+
+class FakeLookup:
+    """/etc/hosts and /etc/services for the tests: nothing leaves the process."""
+
+    hosts = {"extip": "198.51.100.1", "web1": "10.16.0.27"}
+    services = {"www": 80, "http": 80}
+
+    def host_address(self, name):
+        if name not in self.hosts:
+            raise OSError(-2, "Name or service not known")
+        return self.hosts[name]
+
+    def service_port(self, name):
+        if name not in self.services:
+            raise OSError("unknown service")
+        return self.services[name]
+
+
+# The seed's scripts (kernel-port-forwarding.txt), addresses moved into the lab's ranges.
+SEED_PORTFW = """\
+# kernel PORTFW for inbound requests
+
+### set up the port forwarding
+# the .27 system gets the bulk of the requests because it
+# has the new UltraPANTHEON 4692 HTTP co-processor chip
+ipmasqadm portfw -a -P tcp -L extip 80 -R 10.16.0.27 80 -p 15
+ipmasqadm portfw -a -P tcp -L extip 80 -R 10.16.0.28 80 -p 5
+
+### need masquerading rules too!
+ipchains -A -p tcp -s 10.16.0.27/32 80 -j MASQ
+ipchains -A -p tcp -s 10.16.0.28/32 80 -j MASQ
+"""
+
+SEED_FWMARK = """\
+# kernel firewall mark forwarding for Web access
+#
+# use these symbolic names to keep everything straight
+MARK_FRIEND=1
+MARK_NEUTRAL=3
+FRIEND=203.0.113.0/24
+FRIEND_SVR=10.16.0.3/32
+NEUTRAL_SVR=10.16.0.46/32
+
+# mark packets as they enter the system
+ipchains -I input -s ${FRIEND} -m ${MARK_FRIEND}
+ipchains -I input -s ! ${FRIEND} -m ${MARK_NEUTRAL}
+
+# establish forward/redir rules based on marks
+ipmasqadm mfw -I -m ${MARK_NEUTRAL} -r ${NEUTRAL_SVR}
+ipmasqadm mfw -I -m ${MARK_FRIEND} -r ${FRIEND_SVR}
+
+# make sure that the replies are masqueraded too
+ipchains -I forward -d ${FRIEND} -s ${FRIEND_SVR} -j MASQ
+ipchains -I forward -s ${NEUTRAL_SVR} -j MASQ
+"""
+
+SEED_AUTOFW = """\
+ipchains -A forward -s 10.16.0.0/24 -j MASQ
+ipmasqadm autofw -A -r udp 6970 7170 -h 10.16.0.27 -u
+ipmasqadm autofw -A -r udp 8000 8100 -c tcp 554 -u
+"""
+
+
+def translate(text, **options):
+    return legacy_import.translate(text, lookup=FakeLookup(), **options)
+
+
+def document(text, **options):
+    return yaml_out.import_document(translate(text, **options))
+
+
+def run_import(text, *options):
+    out, err = io.StringIO(), io.StringIO()
+    status = import_export.run_import(list(options) + ["-"], out=out, err=err, stdin=io.StringIO(text),
+                                      lookup=FakeLookup())
+    return status, out.getvalue(), err.getvalue()
+
+
+# -- the seed's scripts ---------------------------------------------------------------
+
+SEED_PORTFW_YAML = """\
+---
+# masqctl import: the gateway role's table variables (roles/gateway); the comments
+# above each entry are the script lines that made it.
+gateway_portfw:
+  # line 6: ipmasqadm portfw -a -P tcp -L extip 80 -R 10.16.0.27 80 -p 15
+  # line 7: ipmasqadm portfw -a -P tcp -L extip 80 -R 10.16.0.28 80 -p 5
+  - protocol: tcp
+    local_address: "198.51.100.1"
+    local_port: 80
+    backends:
+      - {address: "10.16.0.27", port: 80, pref: 15}
+      - {address: "10.16.0.28", port: 80, pref: 5}
+gateway_masquerade:
+  # line 10: ipchains -A -p tcp -s 10.16.0.27/32 80 -j MASQ
+  - name: masq-b68453be
+    protocol: tcp
+    source: "10.16.0.27/32"
+    source_ports: [80]
+  # line 11: ipchains -A -p tcp -s 10.16.0.28/32 80 -j MASQ
+  - name: masq-2a8dc8dc
+    protocol: tcp
+    source: "10.16.0.28/32"
+    source_ports: [80]
+"""
+
+
+def test_seed_portfw_script_exact_yaml():
+    assert document(SEED_PORTFW) == SEED_PORTFW_YAML
+    assert yaml.safe_load(SEED_PORTFW_YAML) == {
+        "gateway_portfw": [{"protocol": "tcp", "local_address": "198.51.100.1", "local_port": 80,
+                            "backends": [{"address": "10.16.0.27", "port": 80, "pref": 15},
+                                         {"address": "10.16.0.28", "port": 80, "pref": 5}]}],
+        "gateway_masquerade": [
+            {"name": "masq-b68453be", "protocol": "tcp", "source": "10.16.0.27/32", "source_ports": [80]},
+            {"name": "masq-2a8dc8dc", "protocol": "tcp", "source": "10.16.0.28/32", "source_ports": [80]}]}
+
+
+def test_seed_fwmark_script_insert_order_and_variables():
+    data = yaml.safe_load(document(SEED_FWMARK))
+    assert list(data) == ["gateway_mfw", "gateway_marks", "gateway_masquerade"]
+    # -I puts each new one first: the last line's entry heads the list
+    assert [(e["mark"], e.get("source_invert", False)) for e in data["gateway_marks"]] == [(3, True), (1, False)]
+    assert data["gateway_mfw"] == [{"mark": 3, "backends": [{"address": "10.16.0.46", "pref": 10}]},
+                                   {"mark": 1, "backends": [{"address": "10.16.0.3", "pref": 10}]}]
+    assert [e["source"] for e in data["gateway_masquerade"]] == ["10.16.0.46/32", "10.16.0.3/32"]
+    assert data["gateway_masquerade"][1]["destination"] == "203.0.113.0/24"
+    text = document(SEED_FWMARK)
+    assert "  # line 12: ipchains -I input -s ! ${FRIEND} -m ${MARK_NEUTRAL}\n  - name: mark3-" in text
+
+
+def test_seed_autofw_lines():
+    data = yaml.safe_load(document(SEED_AUTOFW))
+    assert data["gateway_autofw"] == [
+        {"protocol": "udp", "low_port": 6970, "high_port": 7170, "hidden_host": "10.16.0.27",
+         "timeout": ipmasqadm.AUTOFW_LONG_TIMEOUT},
+        {"protocol": "udp", "low_port": 8000, "high_port": 8100, "control_protocol": "tcp", "control_port": 554,
+         "timeout": ipmasqadm.AUTOFW_LONG_TIMEOUT}]
+    assert data["gateway_masquerade"][0]["source"] == "10.16.0.0/24"
+
+
+def test_same_input_gives_byte_identical_output():
+    for script in (SEED_PORTFW, SEED_FWMARK, SEED_AUTOFW):
+        assert run_import(script) == run_import(script)
+        assert run_import(script)[0] == 0
+
+
+def test_only_the_tables_the_script_names_and_flush_gives_an_empty_table():
+    data = yaml.safe_load(document("ipmasqadm portfw -f\n"))
+    assert data == {"gateway_portfw": []}
+    assert document("ipmasqadm portfw -f\n").endswith("gateway_portfw: []\n")
+
+
+# -- semantics of the ops, as the agent applies them -----------------------------------
+
+def test_delete_edit_and_flush_follow_the_agent():
+    script = """\
+L=198.51.100.1
+ipmasqadm portfw -a -P tcp -L $L 80 -R 10.16.0.27 80 -p 15
+ipmasqadm portfw -a -P tcp -L $L 80 -R 10.16.0.28 80
+ipmasqadm portfw -d -P tcp -L $L 80 -R 10.16.0.27 80
+ipmasqadm portfw -a -P udp -L $L 53 -R 10.16.0.53 53
+ipmasqadm mfw -A -m 2 -r 10.16.0.10 443 -p 0
+ipmasqadm mfw -A -m 2 -r 10.16.0.11 443 -p 0
+ipmasqadm mfw -E -m 2 -p 4
+ipmasqadm mfw -A -m 5 -r 10.16.0.12
+ipmasqadm mfw -D -m 5
+ipmasqadm autofw -A -r udp 7000 7010 -h 10.16.0.27
+ipmasqadm autofw -F
+"""
+    result = translate(script)
+    assert result.entries("portfw") == [
+        {"protocol": "tcp", "local_address": "198.51.100.1", "local_port": 80,
+         "backends": [{"address": "10.16.0.28", "port": 80, "pref": 10}]},
+        {"protocol": "udp", "local_address": "198.51.100.1", "local_port": 53,
+         "backends": [{"address": "10.16.0.53", "port": 53, "pref": 10}]}]
+    assert result.entries("mfw") == [{"mark": 2, "backends": [{"address": "10.16.0.10", "port": 443, "pref": 4},
+                                                              {"address": "10.16.0.11", "port": 443, "pref": 4}]}]
+    assert result.entries("autofw") == []
+    # the entry's comments are every line that shaped it
+    assert [n for n, _text in result.entry_sources("portfw")[0]] == [2, 3, 4]
+    assert [n for n, _text in result.entry_sources("mfw")[0]] == [6, 7, 8]
+
+
+def test_ipchains_delete_by_criteria_and_flush_by_chain():
+    script = """\
+ipchains -A input -s 203.0.113.0/24 -m 1
+ipchains -A input -s 198.51.100.0/24 -m 2
+ipchains -D input -s 203.0.113.0/24 -m 1
+ipchains -A forward -s 10.16.0.0/24 -j MASQ
+ipchains -F forward
+"""
+    result = translate(script)
+    assert [e["mark"] for e in result.entries("marks")] == [2]
+    assert result.entries("masquerade") == []
+
+
+def test_shell_details():
+    script = """\
+#!/bin/sh
+set -e
+export NET="203.0.113.0/24"
+LIT='$NET'
+ipchains -A input \\
+    -s ${NET} -m 7   # trailing comment
+masqctl --socket /run/x.sock mark -A input -s "$NET" -p tcp --dport 80,443 -m 8
+"""
+    result = translate(script)
+    assert [(e["mark"], e["source"]) for e in result.entries("marks")] == [(7, "203.0.113.0/24"),
+                                                                         (8, "203.0.113.0/24")]
+    assert result.entries("marks")[1]["destination_ports"] == [80, 443]
+    assert result.entry_sources("marks")[0] == [(5, "ipchains -A input -s ${NET} -m 7   # trailing comment")]
+    # single quotes keep $NET literal, as in the shell
+    with pytest.raises(legacy_import.TranslateError) as caught:
+        translate("LIT='$NET'\nipchains -A input -s $LIT -m 1\n")
+    assert caught.value.line == 2 and "$NET" in caught.value.reason
+
+
+# -- lines that cannot be translated --------------------------------------------------
+
+@pytest.mark.parametrize("line, reason", [
+    ("echo 1 > /proc/sys/net/ipv4/ip_forward", "redirection"),
+    ("modprobe ip_masq_ftp", "modprobe: not an ipmasqadm, ipchains or masqctl command"),
+    ("ipchains -P forward DENY", "filtering"),
+    ("ipchains -A input -s 203.0.113.0/24 -j DENY", "-j DENY"),
+    ("ipmasqadm mfw -S -m 3", "mfw -S"),
+    ("ipmasqadm portfw -a -P tcp -L $UNSET 80 -R 10.16.0.27 80", "$UNSET is not set"),
+    ("ipmasqadm portfw -a -P icmp -L 198.51.100.1 80 -R 10.16.0.27 80", "invalid protocol"),
+    ("ipmasqadm portfw -d -P tcp -L 198.51.100.1 81", "no such portfw entry"),
+    ("ipmasqadm portfw -a -P tcp -L 198.51.100.1 80 -R 10.16.0.27 80", "already a backend"),
+    ("ipmasqadm portfw -a -P tcp -L 198.51.100.1 80 -R 'unclosed", "no closing quotation"),
+])
+def test_untranslatable_line_exits_2_with_line_number_and_reason(line, reason):
+    script = "# first\nipmasqadm portfw -a -P tcp -L 198.51.100.1 80 -R 10.16.0.27 80\n\n" + line + "\n"
+    status, out, err = run_import(script)
+    assert status == 2 and out == ""
+    assert err.startswith("masqctl import: <stdin>:4: ") and reason in err, err
+    assert line in err
+
+
+def test_skip_unknown_comments_the_line_and_goes_on():
+    script = "modprobe ip_masq_ftp\nipchains -P forward DENY\n" + SEED_PORTFW
+    status, out, err = run_import(script, "--skip-unknown")
+    assert status == 0 and err == ""
+    assert "# line 1 not imported (modprobe: not an ipmasqadm, ipchains or masqctl command): " \
+           "modprobe ip_masq_ftp\n" in out
+    assert "# line 2 not imported" in out
+    assert yaml.safe_load(out) == yaml.safe_load(SEED_PORTFW_YAML)
+
+
+def test_import_through_masqctl_needs_no_agent(tmp_path):
+    path = tmp_path / "rc.firewall"
+    path.write_text(SEED_FWMARK)
+    out, err = io.StringIO(), io.StringIO()
+
+    def no_agent(_path):
+        raise AssertionError("import must not contact the agent")
+
+    assert masqctl.run(["--socket", "/nonexistent", "import", str(path)], client_factory=no_agent,
+                       out=out, err=err) == 0
+    assert out.getvalue() == document(SEED_FWMARK)
+    err = io.StringIO()
+    assert masqctl.run(["import", str(tmp_path / "missing")], out=io.StringIO(), err=err) == 2
+    assert "No such file" in err.getvalue()
+
+
+def test_yaml_scalars_never_change_type():
+    for value in ["yes", "no", "on", "off", "null", "true", "2001:1:2:3:4:5:6:7", "1:20", "10.16.0.27", "0x10",
+                  "1e3", "eth0", "-x", "a b", "ppp*", 'q"uote', "#x", "ünï", ""]:
+        assert yaml.safe_load("v: %s\n" % yaml_out.scalar(value)) == {"v": value}
+    for value in [0, 80, True, False, None]:
+        assert yaml.safe_load("v: %s\n" % yaml_out.scalar(value)) == {"v": value}
+
+
+# -- against the agent: generated scripts ------------------------------------------------
+
+class ServiceClient:
+    """masqd.client.Client's interface on an in-process Service."""
+
+    def __init__(self, service):
+        self.service = service
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def request(self, op, **arguments):
+        envelope = self.service.handle(dict(arguments, op=op))
+        if not envelope.get("ok"):
+            raise MasqdError.from_envelope(envelope)
+        return envelope
+
+
+def run_like_masqctl(service, argv):
+    """What masqctl does with one line; False when the agent refuses it."""
+    command = ipmasqadm.parse(argv, lookup=FakeLookup())
+    request = command.request
+    if command.needs_table:
+        current = service.handle({"op": "get", "table": command.needs_table})
+        try:
+            request = command.finish(current["result"]["entries"], current["revision"])
+        except ipmasqadm.StateError:
+            return False  # masqctl exits 1 without asking the agent
+    return service.handle(request).get("ok", False)
+
+
+inside = st.integers(2, 60).map(lambda n: "10.16.0.%d" % n)
+ports = st.integers(1, 65535)
+prefs = st.integers(1, 20)
+local = st.sampled_from(["198.51.100.1", "198.51.100.2", "$LOCAL", "${LOCAL}", "extip"])
+networks = st.sampled_from(["203.0.113.0/24", "198.51.100.0/24", "10.16.0.0/24", "10.16.0.3/32", "$FRIEND"])
+
+
+@st.composite
+def portfw_line(draw):
+    argv = ["portfw", draw(st.sampled_from(["-a", "-d"])), "-P", draw(st.sampled_from(["tcp", "udp"])),
+            "-L", draw(local), str(draw(st.sampled_from([80, 443, 8080])))]
+    if argv[1] == "-a" or draw(st.booleans()):
+        argv += ["-R", draw(inside), str(draw(ports))]
+    if argv[1] == "-a" and draw(st.booleans()):
+        argv += ["-p", str(draw(prefs))]
+    return "ipmasqadm", argv
+
+
+@st.composite
+def mfw_line(draw):
+    command = draw(st.sampled_from(["-A", "-I", "-A", "-D", "-E", "-F"]))
+    argv = ["mfw", command]
+    if command == "-F":
+        return "ipmasqadm", argv
+    argv += ["-m", str(draw(st.integers(1, 4)))]
+    if command in ("-A", "-I") or draw(st.booleans()):
+        argv += ["-r", draw(inside) + draw(st.sampled_from(["", "/32"]))]
+        if draw(st.booleans()):
+            argv.append(str(draw(ports)))
+    if command in ("-A", "-I", "-E") and draw(st.booleans()):
+        argv += ["-p", str(draw(st.integers(0, 20)))]
+    return "ipmasqadm", argv
+
+
+@st.composite
+def autofw_line(draw):
+    low = 10000 + 100 * draw(st.integers(0, 5))
+    if draw(st.integers(0, 4)) == 0:
+        return "ipmasqadm", ["autofw", "-D", "-r", "udp", str(low), str(low + 10)]
+    argv = ["autofw", "-A", "-r", draw(st.sampled_from(["udp", "tcp"])), str(low), str(low + draw(st.integers(0, 50)))]
+    if draw(st.booleans()):
+        argv += ["-h", draw(inside)]
+    else:
+        argv += ["-c", "tcp", str(draw(st.integers(1, 2000)))]
+        if draw(st.booleans()):
+            argv.append("--keyed-by-peer")
+    argv += draw(st.sampled_from([[], ["-u"], ["-t", "30"]]))
+    return "ipmasqadm", argv
+
+
+@st.composite
+def ipchains_line(draw):
+    masq = draw(st.booleans())
+    argv = [draw(st.sampled_from(["-A", "-I", "-D"])), "forward" if masq else "input"]
+    if draw(st.booleans()):
+        argv += ["-p", draw(st.sampled_from(["tcp", "udp"]))]
+        with_ports = True
+    else:
+        with_ports = False
+    argv += ["-s"] + (["!"] if not masq and draw(st.booleans()) else []) + [draw(networks)]
+    if with_ports and draw(st.booleans()):
+        argv.append(str(draw(st.sampled_from([80, 53, "1024:65535"]))))
+    if draw(st.booleans()):
+        argv += ["-d", draw(networks)]
+    argv += ["-j", "MASQ"] if masq else ["-m", str(draw(st.integers(1, 4)))]
+    return "ipchains", argv
+
+
+lines = st.lists(st.one_of(portfw_line(), mfw_line(), autofw_line(), ipchains_line()), min_size=1, max_size=14)
+VARIABLES = {"LOCAL": "198.51.100.1", "FRIEND": "203.0.113.0/24"}
+PREAMBLE = "#!/bin/sh\n# generated\nLOCAL=198.51.100.1\nFRIEND=203.0.113.0/24\n\n"
+
+
+def masqctl_argv(program, argv):
+    """The seed line's masqctl form (the shell's expansion done by hand)."""
+    argv = [VARIABLES.get(word.strip("${}"), word) if word.startswith("$") else word for word in argv]
+    if program == "ipchains":
+        return (["masq"] if "MASQ" in argv else ["mark"]) + argv
+    return argv
+
+
+def fresh_service():
+    state = tempfile.mkdtemp(prefix="masqd-import-test-")
+    service = Service(state, nft=FakeNftables())
+    service.start()
+    return service, state
+
+
+def without_comments(text):
+    return [line for line in text.splitlines() if not line.lstrip().startswith("#")]
+
+
+@SETTINGS
+@given(lines)
+def test_generated_scripts_import_to_the_tables_the_agent_holds(drawn):
+    service, state = fresh_service()
+    try:
+        kept = [(program, argv) for program, argv in drawn if run_like_masqctl(service, masqctl_argv(program, argv))]
+        script = PREAMBLE + "".join("%s %s\n" % (program, " ".join(argv)) for program, argv in kept)
+        result = translate(script)
+        tables = service.handle({"op": "get"})["result"]["tables"]
+        named = set(result.tables)
+        for table in TABLES:
+            if table in named:
+                assert result.entries(table) == [legacy_import.compact(table, e) for e in tables[table]], table
+            else:
+                assert tables[table] == [], table
+        text = yaml_out.import_document(result)
+        assert yaml.safe_load(text) == result.variables()
+        # export of the agent is the import, comments aside (tables the script never names: [])
+        exported = yaml_out.export_document(tables)
+        assert yaml.safe_load(exported) == dict({v: [] for _t, v in legacy_import.TABLE_VARIABLES},
+                                                **result.variables())
+        # import of an export --script is the export
+        rebuilt = yaml_out.import_document(translate(import_export.script(tables)))
+        assert without_comments(rebuilt) == without_comments(exported)
+        # and the YAML, applied with `set`, gives the agent's tables back
+        other, other_state = fresh_service()
+        try:
+            for table, entries in yaml.safe_load(exported).items():
+                table = legacy_import.TABLE_OF_VARIABLE[table]
+                assert other.handle({"op": "set", "table": table, "entries": entries})["ok"]
+            assert other.handle({"op": "get"})["result"]["tables"] == tables
+        finally:
+            shutil.rmtree(other_state, ignore_errors=True)
+    finally:
+        shutil.rmtree(state, ignore_errors=True)
+
+
+garbage = st.text(alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\n\r\x0b\x0c\x1c\x1d"
+                                         "\x1e\x85\u2028\u2029"), max_size=40)
+
+
+@SETTINGS
+@given(lines, st.integers(0, 20), garbage,
+       st.sampled_from(["frobnicate ", "ipmasqadm portfw -a -P tcp -L 198.51.100.1 80 -Z ", "ipchains -P ",
+                        "ipmasqadm mfw -S -m 1 ", "ipmasqadm $NOPE "]))
+def test_a_garbage_line_exits_2_naming_its_line(drawn, at, noise, prefix):
+    service, state = fresh_service()
+    try:
+        kept = ["%s %s" % (program, " ".join(argv)) for program, argv in drawn
+                if run_like_masqctl(service, masqctl_argv(program, argv))]
+    finally:
+        shutil.rmtree(state, ignore_errors=True)
+    at = min(at, len(kept))
+    body = kept[:at] + [prefix + noise] + kept[at:]
+    script = PREAMBLE + "\n".join(body) + "\n"
+    number = PREAMBLE.count("\n") + at + 1
+    status, out, err = run_import(script)
+    assert status == 2 and out == ""
+    assert re.match(r"masqctl import: <stdin>:%d: " % number, err), (number, err)
+
+
+def test_export_through_masqctl():
+    service, state = fresh_service()
+    try:
+        result = translate(SEED_PORTFW)
+        for table in result.tables:
+            service.handle({"op": "set", "table": table, "entries": result.entries(table)})
+        out, err = io.StringIO(), io.StringIO()
+        assert masqctl.run(["export"], client_factory=lambda _path: ServiceClient(service), out=out, err=err) == 0
+        assert yaml.safe_load(out.getvalue()) == dict({v: [] for _t, v in legacy_import.TABLE_VARIABLES},
+                                                      **yaml.safe_load(SEED_PORTFW_YAML))
+        assert "# masqctl export" in out.getvalue()
+        out = io.StringIO()
+        assert masqctl.run(["export", "--script"], client_factory=lambda _path: ServiceClient(service),
+                           out=out, err=err) == 0
+        assert "masqctl portfw -a -P tcp -L 198.51.100.1 80 -R 10.16.0.27 80 -p 15\n" in out.getvalue()
+        assert masqctl.run(["export", "extra"], client_factory=lambda _path: ServiceClient(service),
+                           out=io.StringIO(), err=err) == 2
+    finally:
+        shutil.rmtree(state, ignore_errors=True)
+
+
+def test_export_without_agent_exits_1():
+    err = io.StringIO()
+    assert masqctl.run(["--socket", "/nonexistent/masqd.sock", "export"], out=io.StringIO(), err=err) == 1
+    assert "masqctl export: masqd is not running" in err.getvalue()

@@ -40,6 +40,12 @@ def parse_args(argv):
                         help="damaged state files: keep a copy of them, load what is valid up "
                         "to the first damage, write a clean snapshot, report what was dropped "
                         "and exit (docs/state.md)")
+    parser.add_argument("--no-drift-repair", action="store_true",
+                        help="do not watch nftables events (a foreign flush of the ruleset "
+                        "then stops forwarding until the agent restarts)")
+    parser.add_argument("--verify-interval", type=float, default=60.0, metavar="SECONDS",
+                        help="compare the kernel's table with the agent's every SECONDS as a "
+                        "backstop to the events (0: never; default %(default)s)")
     parser.add_argument("--log-level", default="info",
                         choices=["debug", "info", "warning", "error"],
                         help="default %(default)s")
@@ -132,6 +138,13 @@ def main(argv=None):
             service.watcher = AutofwWatcher(service)
             if not service.watcher.start():
                 log.error("autofw watcher not running: %s", service.watcher.error)
+        if not args.no_drift_repair:
+            from masqd.watchers.ruleset import RulesetMonitor
+            monitor = RulesetMonitor(service.repair_drift, service.verify_kernel,
+                                     verify_interval=args.verify_interval)
+            service.watchers[monitor.name] = monitor
+            if not monitor.start():
+                log.error("drift repair not running: %s", monitor.error)
         server.service = service
         server.listen()
         if args.pidfile:

@@ -6,6 +6,9 @@ Both offer the same interface, which masqd.service.Service uses:
                               element counters {map: {key text: packets}})
   read_elements(names)       {map: {key text: {"value": text, "expires": seconds}}} of
                              timed maps (the AUTOFW recipients the kernel expires)
+  read_table()               KernelTable: what a full re-sync carries over (rule
+                             counters and phase comments, timed elements) and the
+                             table's shape (for drift verification); None if absent
 """
 
 import time
@@ -19,6 +22,31 @@ from masqd import render
 
 class NftError(Exception):
     """The kernel (or libnftables) refused a transaction; the message is nft's."""
+
+
+class KernelTable:
+    """One reading of `inet masqd` from the kernel."""
+
+    __slots__ = ("rules", "comments", "timed", "shape")
+
+    def __init__(self):
+        self.rules = {}     # chain -> [counter packets of each rule with a counter]
+        self.comments = {}  # chain -> comment of its first rule ("" if none)
+        self.timed = {}     # map -> {key text: (value text, timeout s, expires s)}
+        self.shape = {}     # ("chain", name) -> rule count, ("map", name) -> element count
+                            # (timed maps: 0, their elements are runtime), (kind, name) -> 0
+
+
+def shape_of(chains, maps, elements):
+    """The shape (see KernelTable) of a rendering: render.Ruleset.objects()."""
+    shape = {("chain", name): len(c.rules) for name, c in chains.items()}
+    for name, m in maps.items():
+        if m.kind in ("map", "set"):
+            timed = "timeout" in m.spec
+            shape[("map", name)] = 0 if timed else len(elements.get(name) or {})
+        else:
+            shape[(m.kind, name)] = 0
+    return shape
 
 
 class LibNftables:
@@ -90,6 +118,42 @@ class LibNftables:
             self._nft.set_json_output(False)
         return out
 
+    def read_table(self):
+        objects = self.list_table()
+        if objects is None:
+            return None
+        table = KernelTable()
+        for obj in objects:
+            if "rule" in obj:
+                rule = obj["rule"]
+                chain = rule["chain"]
+                first = chain not in table.comments
+                if first:
+                    table.comments[chain] = rule.get("comment", "")
+                table.shape[("chain", chain)] = table.shape.get(("chain", chain), 0) + 1
+                for expr in rule["expr"]:
+                    if "counter" in expr and expr["counter"]:
+                        table.rules.setdefault(chain, []).append(expr["counter"]["packets"])
+            elif "chain" in obj:
+                table.shape.setdefault(("chain", obj["chain"]["name"]), 0)
+            elif "map" in obj or "set" in obj:
+                kind = "map" if "map" in obj else "set"
+                m = obj[kind]
+                timed = "timeout" in m.get("flags", []) or "dynamic" in m.get("flags", [])
+                table.shape[("map", m["name"])] = 0 if timed else len(m.get("elem", []))
+                if timed and kind == "map":
+                    out = table.timed.setdefault(m["name"], {})
+                    for item in m.get("elem", []):
+                        key, value = item if isinstance(item, list) else (item, None)
+                        meta = key.get("elem", {}) if isinstance(key, dict) else {}
+                        out[_key_text(meta.get("val", key))] = (
+                            None if value is None else _key_text(value), meta.get("timeout"), meta.get("expires"))
+            else:
+                for kind in ("ct helper",):
+                    if kind in obj:
+                        table.shape[(kind, obj[kind]["name"])] = 0
+        return table
+
     def read_counters(self):
         rules, elements = {}, {}
         for obj in self.list_table() or []:
@@ -152,6 +216,7 @@ class FakeNftables:
         self.rule_counters, self.element_counters = {}, {}
         self.clock = time.monotonic
         self.expiry = {}  # (map, key) -> clock time: elements added with "KEY timeout Ns"
+        self.timeouts = {}  # (map, key) -> N of that "timeout Ns"
 
     def apply(self, txn, dry_run=False):
         if not txn:
@@ -216,7 +281,9 @@ class FakeNftables:
                     k, _sep, timeout = k.partition(" timeout ")
                     if timeout:  # like the kernel: re-adding the same value refreshes it
                         if k not in elems or elems[k] == v:
-                            self.expiry[(op.name, k)] = self.clock() + int(timeout.split()[-1].rstrip("s"))
+                            words = timeout.split()
+                            self.timeouts[(op.name, k)] = int(words[0].rstrip("s"))
+                            self.expiry[(op.name, k)] = self.clock() + int(words[-1].rstrip("s"))
                     if v is not None and v.startswith("goto "):
                         self._need(chains, v[5:])
                     if k in elems and elems[k] != v:
@@ -248,6 +315,22 @@ class FakeNftables:
 
     def read_counters(self):
         return copy.deepcopy(self.rule_counters), copy.deepcopy(self.element_counters)
+
+    def read_table(self):
+        if not self.exists:
+            return None
+        self._expire(self.elements)
+        table = KernelTable()
+        table.shape = shape_of(self.chains, self.maps, self.elements)
+        table.rules = copy.deepcopy(self.rule_counters)
+        for name, chain in self.chains.items():
+            first = chain.rules[0] if chain.rules else ""
+            table.comments[name] = first.split(' comment "', 1)[1][:-1] if ' comment "' in first else ""
+        now = self.clock()
+        for (name, key), deadline in self.expiry.items():
+            value = self.elements.get(name, {}).get(key)
+            table.timed.setdefault(name, {})[key] = (value, self.timeouts.get((name, key)), int(deadline - now))
+        return table
 
     def read_elements(self, names):
         self._expire(self.elements)

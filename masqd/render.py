@@ -48,24 +48,37 @@ EMPTY = Fragment()
 class Ruleset:
     """The whole table: fragment id -> Fragment, and `portfw` {key: canonical entry}
     (the service's own PORTFW table, shared, never copied or mutated here). A PORTFW
-    key's fid is ("portfw", key); an explicit fragment under that fid wins (tests)."""
+    key's fid is ("portfw", key); an explicit fragment under that fid wins (tests).
 
-    def __init__(self, fragments=None, portfw=None):
+    `phases` {fid: connections into the cycle} holds the schedules that were rebuilt
+    mid-cycle (a restart or re-sync continues them, see `rotate`); a fragment that is
+    replaced starts its schedule afresh."""
+
+    def __init__(self, fragments=None, portfw=None, phases=None):
         self.fragments = fragments or {}
         self.portfw = portfw if portfw is not None else {}
+        self.phases = phases or {}
 
     def fragment(self, fid):
         frag = self.fragments.get(fid)
         if frag is None:
             entry = self.portfw.get(fid[1]) if _is_portfw(fid) else None
-            return EMPTY if entry is None else portfw_fragment(entry)
+            return EMPTY if entry is None else portfw_fragment(entry, self.phases.get(fid, 0))
         return frag
 
-    def replace(self, changes, portfw=None):
+    def portfw_items(self, key):
+        entry = self.portfw.get(key)
+        return None if entry is None else portfw_items(entry, self.phases.get(("portfw", key), 0))
+
+    def replace(self, changes, portfw=None, touched=()):
         """A new Ruleset with some fragments replaced (None removes one) and, when
-        given, another PORTFW table."""
+        given, another PORTFW table. Fragments in `changes` and the fids `touched`
+        lose their phase."""
         fragments = dict(self.fragments)
         table = self.portfw if portfw is None else portfw
+        phases = self.phases
+        if phases and (changes or touched):
+            phases = {fid: p for fid, p in phases.items() if fid not in changes and fid not in touched}
         copied = False
         for fid, frag in changes.items():
             if _is_portfw(fid) and fid[1] in table:
@@ -76,7 +89,7 @@ class Ruleset:
                 fragments.pop(fid, None)
             else:
                 fragments[fid] = frag
-        return Ruleset(fragments, table)
+        return Ruleset(fragments, table, phases)
 
     def fids(self):
         return set(self.fragments) | {("portfw", key) for key in self.portfw}
@@ -98,8 +111,9 @@ class Ruleset:
         return chains, maps, elements
 
     def _portfw_objects(self, chains, elements):
-        for entry in self.portfw.values():
-            name, key, value, chain = portfw_items(entry)
+        phases = self.phases
+        for key, entry in self.portfw.items():
+            name, key, value, chain = portfw_items(entry, phases.get(("portfw", key), 0) if phases else 0)
             elements.setdefault(name, {})[key] = value
             if chain is not None:
                 chains[chain.name] = chain
@@ -189,8 +203,8 @@ def diff(old, new, fids=None):
     for fid in fids:
         if _is_portfw(fid) and fid not in old.fragments and fid not in new.fragments:
             a, b = old.portfw.get(fid[1]), new.portfw.get(fid[1])
-            if a is not b:
-                _portfw_diff(None if a is None else portfw_items(a), None if b is None else portfw_items(b),
+            if a is not b or old.phases.get(fid) != new.phases.get(fid):
+                _portfw_diff(old.portfw_items(fid[1]), new.portfw_items(fid[1]),
                              add_chains, rules, del_elems, add_elems, del_chains)
             continue
         a, b = old.fragment(fid), new.fragment(fid)
@@ -379,20 +393,58 @@ def schedule(backends):
     return "cascade", backends
 
 
-def cascade_rules(backends, match):
+def cascade_rules(backends, match, phase=0):
     """One rule per backend, numgen per rule: rule i sees only the connections rules
     0..i-1 passed on, so `numgen inc mod rest < pref` sends exactly pref consecutive
-    connections to backend i, then the rest move on: 15/5 gives 15 then 5, repeating."""
-    rules, rest = [], sum(b["pref"] for b in backends)
-    for i, b in enumerate(backends):
+    connections to backend i, then the rest move on: 15/5 gives 15 then 5, repeating.
+    A cascade rebuilt `phase` connections into its cycle (restart, re-sync) is the
+    rotated cycle (`rotate`); its first rule says so in a comment, which is how the
+    next rebuild, even by another agent process, knows where the cycle stood."""
+    segments = rotate(backends, phase)
+    rules, rest = [], sum(b["pref"] for b in segments)
+    for i, b in enumerate(segments):
         target = _dnat_target(b["address"], b["port"])
         verb = "dnat %s to %s" % (_ipkw(_fam(b["address"])), target)
-        if i < len(backends) - 1:
-            rules.append("%s numgen inc mod %d < %d counter %s" % (match(b), rest, b["pref"], verb))
+        if i < len(segments) - 1:
+            rule = "%s numgen inc mod %d < %d counter %s" % (match(b), rest, b["pref"], verb)
         else:
-            rules.append("%scounter %s" % (match(b) + " " if match(b) else "", verb))
+            rule = "%scounter %s" % (match(b) + " " if match(b) else "", verb)
+        if i == 0 and phase:
+            rule += ' comment "%s%d"' % (PHASE_COMMENT, phase)
+        rules.append(rule)
         rest -= b["pref"]
     return rules
+
+
+PHASE_COMMENT = "phase "
+
+
+def rotate(backends, phase):
+    """The cascade's segments when its cycle starts `phase` connections in: the backend
+    that was serving gets what is left of its pref, the others follow in order, and it
+    gets the part it had used at the end. 15/5 at phase 8 is .27 x7, .28 x5, .27 x8:
+    the same sequence the unrotated cascade makes from its 9th connection on."""
+    total = sum(b["pref"] for b in backends)
+    phase = phase % total if total else 0
+    if not phase:
+        return list(backends)
+    offset = 0
+    for i, b in enumerate(backends):
+        if phase < offset + b["pref"]:
+            used = phase - offset
+            tail = [dict(b, pref=used)] if used else []
+            return [dict(b, pref=b["pref"] - used)] + backends[i + 1:] + backends[:i] + tail
+        offset += b["pref"]
+    return list(backends)  # not reached
+
+
+def cycle_position(backends, phase, counts):
+    """Connections into the cycle of `backends` after a cascade built at `phase` counted
+    `counts` (its rules' counters); None when the counts do not fit that cascade."""
+    total = sum(b["pref"] for b in backends)
+    if not total or counts is None or len(counts) != len(rotate(backends, phase)):
+        return None
+    return (phase + sum(counts)) % total
 
 
 def portfw_chain_name(key):
@@ -400,10 +452,10 @@ def portfw_chain_name(key):
     return "pf_" + digest
 
 
-def portfw_items(entry):
+def portfw_items(entry, phase=0):
     """What one PORTFW key renders to: (map name, element key, element value, Chain or
     None). A single-target key is one `portfw_direct_*` element; a cascade is a chain
-    and a verdict-map element that jumps to it."""
+    and a verdict-map element that jumps to it (its schedule `phase` connections in)."""
     laddr, proto = entry["local_address"], entry["protocol"]
     suffix = "v6" if ":" in laddr else "v4"
     elem_key = "%s . %s . %d" % (laddr, proto, entry["local_port"])
@@ -412,12 +464,12 @@ def portfw_items(entry):
         return ("portfw_direct_" + suffix, elem_key, "%s . %d" % (target["address"], target["port"]), None)
     name = portfw_chain_name((proto, laddr, entry["local_port"]))
     match = "meta l4proto " + proto
-    chain = Chain(name, None, tuple(cascade_rules(target, lambda b: match)))
+    chain = Chain(name, None, tuple(cascade_rules(target, lambda b: match, phase)))
     return ("portfw_" + suffix, elem_key, "goto " + name, chain)
 
 
-def portfw_fragment(entry):
-    name, key, value, chain = portfw_items(entry)
+def portfw_fragment(entry, phase=0):
+    name, key, value, chain = portfw_items(entry, phase)
     return Fragment(chains=() if chain is None else (chain,), elements={name: {key: value}})
 
 
@@ -434,7 +486,7 @@ def mfw_chain_name(mark):
     return "mfw_%d" % mark
 
 
-def mfw_fragment(entry, head=None):
+def mfw_fragment(entry, head=None, phase=0):
     order = mfw_order(entry, head)
     how, target = schedule(order)
 
@@ -444,7 +496,7 @@ def mfw_fragment(entry, head=None):
     if how == "single":
         rules = cascade_rules([target], match)
     else:
-        rules = cascade_rules(target, match)
+        rules = cascade_rules(target, match, phase)
     name = mfw_chain_name(entry["mark"])
     return Fragment(chains=[Chain(name, None, tuple(rules))],
                     elements={"mfw_marks": {str(entry["mark"]): "goto " + name}})
@@ -611,10 +663,11 @@ def fragment_for(table, key, tables, mfw_heads):
     return fid, mfw_fragment(entry, mfw_heads.get(key))
 
 
-def render(tables, mfw_heads=None):
+def render(tables, mfw_heads=None, phases=None):
     """The whole Ruleset of a state (`tables`: name -> {key: entry}; the PORTFW dict is
-    referenced, not copied)."""
+    referenced, not copied), with the schedules of `phases` {fid: phase} continued."""
     mfw_heads = mfw_heads or {}
+    phases = {fid: p for fid, p in (phases or {}).items() if p}
     fragments = {"base": base_fragment()}
     fragments["marks"] = marks_fragment(list(tables.get("marks", {}).values()))
     fragments["masquerade"] = masquerade_fragment(list(tables.get("masquerade", {}).values()))
@@ -623,5 +676,5 @@ def render(tables, mfw_heads=None):
         if frag is not EMPTY:
             fragments[("autofw", key)] = frag
     for key, entry in tables.get("mfw", {}).items():
-        fragments[("mfw", key)] = mfw_fragment(entry, mfw_heads.get(key))
-    return Ruleset(fragments, tables.get("portfw", {}))
+        fragments[("mfw", key)] = mfw_fragment(entry, mfw_heads.get(key), phases.get(("mfw", key), 0))
+    return Ruleset(fragments, tables.get("portfw", {}), phases)

@@ -15,7 +15,7 @@ import time
 
 from masqd import __version__, model, render
 from masqd.model import TABLES, ValidationError
-from masqd.nft import NftError
+from masqd.nft import NftError, shape_of
 from masqd.store import JOURNAL_MAX, Store
 
 _REQUEST_FIELDS = ("op", "table", "tables", "entry", "entries", "revision", "mark")
@@ -45,8 +45,19 @@ class Service:
         # AUTOFW control-port detection, runtime only (the kernel expires the elements):
         # key -> {peer or None: recipient record}; see autofw_control_seen.
         self._autofw_live = {}
-        self.watcher = None  # the running watcher (masqd.autofw_watch), for status
+        self.watchers = {}  # name -> running watcher (masqd.watchers), for status
         self.clock = time.monotonic
+        self.drift = DriftRecord()
+        self._reader = None  # a second kernel handle for reads off the lock (verification)
+
+    @property
+    def watcher(self):
+        """The AUTOFW conntrack watcher, if one runs."""
+        return self.watchers.get("autofw")
+
+    @watcher.setter
+    def watcher(self, watcher):
+        self.watchers["autofw"] = watcher
 
     # --- lifecycle --------------------------------------------------------------------
 
@@ -67,14 +78,149 @@ class Service:
             self._tables = tables
             self._mfw_heads = {int(k): v for k, v in doc.get("mfw_heads", {}).items()}
             self._revision = doc["revision"]
-            ruleset = render.render(self._tables, self._mfw_heads)
-            self.nft.apply(render.full_sync(ruleset))
-            self._ruleset = ruleset
-            self._autofw_live = {}
+            self._full_sync(self.nft.read_table())
 
     def stop(self):
-        if self.watcher is not None:
-            self.watcher.stop()
+        for watcher in self.watchers.values():
+            if watcher is not None:
+                watcher.stop()
+
+    # --- full re-sync, carrying over what the kernel had ----------------------------------
+
+    def _full_sync(self, kernel, deleted_rules=None):
+        """Replace the kernel's table with the rendering of the state, in one transaction,
+        continuing what the kernel had (`kernel`, a KernelTable read just before, or None
+        when the table is gone): the position of every PORTFW/mfw schedule (from its
+        rules' counters and phase comment, or from `deleted_rules` {chain: [(packets,
+        comment)]} when someone else deleted them) and the AUTOFW recipients with their
+        remaining time (from the kernel, else from the agent's own records)."""
+        previous = self._ruleset
+        phases = self._carried_phases(kernel, deleted_rules or {})
+        ruleset = render.render(self._tables, self._mfw_heads, phases)
+        txn = render.full_sync(ruleset)
+        recipients = self._carried_recipients(kernel)
+        txn.ops += [render.Op("add", "element", name, [(key, value)]) for name, key, value, _r in recipients]
+        self.nft.apply(txn)
+        self._ruleset = ruleset
+        self._autofw_live = {}
+        now = self.clock()
+        for _name, _key, _value, record in recipients:
+            record["refreshed"] = now - (record.pop("timeout") - record.pop("expires"))
+            self._autofw_live.setdefault(record.pop("entry"), {})[record["peer"]] = record
+        if previous is not None:
+            log.info("full re-sync: %d schedules continued, %d AUTOFW recipients kept",
+                     len(phases), len(recipients))
+
+    def _cascades(self):
+        """(fid, chain name, backends in schedule order) of every multi-backend schedule."""
+        for key, entry in self._tables["portfw"].items():
+            if len(entry["backends"]) > 1:
+                how, order = render.schedule(entry["backends"])
+                if how == "cascade":
+                    yield ("portfw", key), render.portfw_chain_name(key), order
+        for mark, entry in self._tables["mfw"].items():
+            how, order = render.schedule(render.mfw_order(entry, self._mfw_heads.get(mark)))
+            if how == "cascade":
+                yield ("mfw", mark), render.mfw_chain_name(mark), order
+
+    def _carried_phases(self, kernel, deleted_rules):
+        phases = {}
+        for fid, chain, order in self._cascades():
+            if kernel is not None and chain in kernel.rules:
+                counts, comment = kernel.rules[chain], kernel.comments.get(chain, "")
+            elif chain in deleted_rules:
+                counts = [packets for packets, _comment in deleted_rules[chain]]
+                comment = deleted_rules[chain][0][1] if deleted_rules[chain] else ""
+            else:
+                continue
+            old = _phase_of(comment)
+            position = render.cycle_position(order, old, counts)
+            if position:
+                phases[fid] = position
+        return phases
+
+    def _carried_recipients(self, kernel):
+        """[(map, element text, value, live record)] of the detected AUTOFW recipients
+        to re-create: each still-valid one the kernel holds with its remaining time, or
+        (table gone) the agent's records of them."""
+        out = []
+        now = self.clock()
+        for key, entry in self._tables["autofw"].items():
+            if entry["hidden_host"] is not None:
+                continue
+            known = self._autofw_live.get(key, {})
+            for family in (4, 6):
+                for peer_map in (False, True):
+                    name, _elem = render.autofw_recipient_element(entry, family, "" if peer_map else None)
+                    held = (kernel.timed.get(name, {}) if kernel is not None else {})
+                    for elem, (value, timeout, expires) in held.items():
+                        peer = _peer_of(elem, entry) if peer_map else None
+                        if (peer_map and peer is None) or (not peer_map and elem != render.autofw_range(entry)):
+                            continue
+                        if not value or not expires:
+                            continue
+                        old = known.get(peer) or {}
+                        out.append(self._recipient(name, elem, value, family, peer, entry, key,
+                                                   timeout or entry["timeout"], expires, old))
+            if kernel is None:  # the table is gone: the agent's own records
+                for peer, record in known.items():
+                    left = int(record["refreshed"] + entry["timeout"] - now)
+                    if left > 0:
+                        name, elem = render.autofw_recipient_element(entry, record["family"], peer)
+                        out.append(self._recipient(name, elem, record["address"], record["family"], peer,
+                                                   entry, key, entry["timeout"], left, record))
+        return out
+
+    @staticmethod
+    def _recipient(name, elem, value, family, peer, entry, key, timeout, expires, old):
+        record = {"address": value, "family": family, "peer": peer, "since": old.get("since", time.time()),
+                  "replaced": old.get("replaced"), "timeout": timeout, "expires": expires, "entry": key}
+        return name, "%s timeout %ds expires %ds" % (elem, timeout, expires), value, record
+
+    # --- drift: somebody else changed the table (masqd.watchers.ruleset) ----------------
+
+    def repair_drift(self, report):
+        """A foreign change to the table ended (RulesetMonitor): re-sync in full."""
+        with self._lock, _bulk_allocation():
+            if self._ruleset is None:
+                return
+            started = self.clock()
+            kernel = None if report.table_deleted else self.nft.read_table()
+            try:
+                self._full_sync(kernel, report.deleted_rules)
+            except NftError as exc:
+                self.drift.failed(report.summary(), str(exc))
+                log.error("drift repair failed: %s", exc)
+                return
+            self.drift.repaired(report.summary(), self.clock() - report.received if report.received else None,
+                                self.clock() - started)
+
+    def verify_kernel(self, reason):
+        """The backstop: does the kernel's table have the shape of the rendering? Read
+        off the lock with a second kernel handle; repair (under the lock) if not."""
+        if self._ruleset is None:
+            return
+        if self._reader is None:
+            from masqd.nft import LibNftables
+            self._reader = LibNftables() if type(self.nft).__name__ == "LibNftables" else self.nft
+        ruleset = self._ruleset
+        want = shape_of(*ruleset.objects())
+        kernel = self._reader.read_table()
+        if kernel is not None and kernel.shape == want:
+            return
+        with self._lock, _bulk_allocation():
+            kernel = self.nft.read_table()  # again, under the lock: our own change may have been in flight
+            want = shape_of(*self._ruleset.objects())
+            if kernel is not None and kernel.shape == want:
+                return
+            found = _shape_difference(want, None if kernel is None else kernel.shape)
+            started = self.clock()
+            try:
+                self._full_sync(kernel)
+            except NftError as exc:
+                self.drift.failed("%s: %s" % (reason, found), str(exc))
+                return
+            self.drift.repaired("%s: %s" % (reason, found), None, self.clock() - started)
 
     # --- request dispatch ---------------------------------------------------------------
 
@@ -119,7 +265,9 @@ class Service:
         return False, {"version": __version__, "revision": self._revision,
                        "tables": {t: len(self._tables[t]) for t in TABLES},
                        "socket": self.socket_path, "state_file": self.store.path,
-                       "autofw_watcher": watcher}
+                       "autofw_watcher": watcher,
+                       "watchers": {name: w.stats() for name, w in self.watchers.items() if w is not None},
+                       "drift": self.drift.as_dict()}
 
     def _op_get(self, request):
         if request.get("table") is None:
@@ -142,7 +290,8 @@ class Service:
         if table == "autofw":
             return self._autofw_runtime(key, entry, counters[2])
         elif table in _BACKEND_TABLES:
-            entry["backends"] = backend_runtime(table, entry, self._mfw_heads.get(key), *counters[:2])
+            entry["backends"] = backend_runtime(table, entry, self._mfw_heads.get(key), *counters[:2],
+                                                phase=self._ruleset.phases.get((table, key), 0))
         return entry
 
     # --- writes -------------------------------------------------------------------------
@@ -278,7 +427,7 @@ class Service:
         entry = self._need("mfw", mark, request["mark"], field="mark")
         order = render.mfw_order(entry, self._mfw_heads.get(mark))
         rules, _elements = self.nft.read_counters()
-        head = current_head(order, rules.get(render.mfw_chain_name(mark)))
+        head = current_head(order, rules.get(render.mfw_chain_name(mark)), self._ruleset.phases.get(("mfw", mark), 0))
         new_head = order[(order.index(head) + 1) % len(order)]
         heads = dict(self._mfw_heads)
         heads[mark] = {"address": new_head["address"], "port": new_head["port"]}
@@ -554,6 +703,68 @@ class Service:
         return entry
 
 
+class DriftRecord:
+    """What `status` says about foreign changes: how many, when, what, how fast repaired."""
+
+    HISTORY = 8
+
+    def __init__(self):
+        self.count = 0
+        self.failures = 0
+        self.last = None  # {"at", "found", "repair_seconds", "detected_to_repaired_seconds"}
+        self.history = []
+
+    def repaired(self, found, since_detected, took):
+        self.count += 1
+        self.last = {"at": _iso(time.time()), "found": found, "result": "repaired",
+                     "repair_seconds": round(took, 4),
+                     "detected_to_repaired_seconds": None if since_detected is None else round(since_detected, 4)}
+        self._remember()
+
+    def failed(self, found, error):
+        self.count += 1
+        self.failures += 1
+        self.last = {"at": _iso(time.time()), "found": found, "result": "repair failed: %s" % error,
+                     "repair_seconds": None, "detected_to_repaired_seconds": None}
+        self._remember()
+
+    def _remember(self):
+        self.history = (self.history + [self.last])[-self.HISTORY:]
+
+    def as_dict(self):
+        return {"count": self.count, "failures": self.failures, "last": self.last,
+                "recent": list(self.history)}
+
+
+def _phase_of(comment):
+    if comment.startswith(render.PHASE_COMMENT):
+        try:
+            return int(comment[len(render.PHASE_COMMENT):])
+        except ValueError:
+            return 0
+    return 0
+
+
+def _peer_of(elem, entry):
+    """The peer of an autofw_peers_* element text "PEER . proto . range" of `entry`."""
+    suffix = " . " + render.autofw_range(entry)
+    return elem[:-len(suffix)] if elem.endswith(suffix) else None
+
+
+def _shape_difference(want, have):
+    if have is None:
+        return "table inet masqd missing"
+    missing = sorted("%s %s" % k for k in want if k not in have)
+    extra = sorted("%s %s" % k for k in have if k not in want)
+    changed = sorted("%s %s (%d, want %d)" % (k[0], k[1], have[k], want[k])
+                     for k in want if k in have and have[k] != want[k])
+    parts = []
+    for label, items in (("missing", missing), ("unexpected", extra), ("changed", changed)):
+        if items:
+            parts.append("%s: %s%s" % (label, ", ".join(items[:5]), " ..." if len(items) > 5 else ""))
+    return "; ".join(parts)
+
+
 @contextlib.contextmanager
 def _bulk_allocation():
     """The cyclic garbage collector paused while a request runs: a 100,000-key `set`
@@ -616,27 +827,40 @@ def _merge_backends(current, entry, at_head):
 
 # --- runtime view: pcnt and connections from kernel counters ------------------------------
 
-def _cycle(order, counts):
-    """(head backend, its pcnt) of a cascade, from per-rule connection counts."""
-    total = sum(counts)
-    r = total % sum(b["pref"] for b in order)
+def _at_position(order, position):
+    """(head backend, its pcnt) of a cascade `position` connections into its cycle."""
     offset = 0
     for b in order:
-        if r < offset + b["pref"]:
-            return b, offset + b["pref"] - r
+        if position < offset + b["pref"]:
+            return b, offset + b["pref"] - position
         offset += b["pref"]
     return order[0], order[0]["pref"]  # not reached
 
 
-def current_head(order, chain_counts):
+def _cascade_view(order, phase, counts):
+    """(head, its pcnt, {id(backend): connections}) of a cascade built at `phase` whose
+    rules counted `counts` (the rules of render.rotate(order, phase), in order)."""
+    segments = render.rotate(order, phase)
+    position = render.cycle_position(order, phase, counts)
+    if position is None:  # counters not (yet) of this cascade: a fresh cycle
+        counts, position = [0] * len(segments), phase % sum(b["pref"] for b in order)
+    by_backend = {(b["address"], b["port"]): b for b in order}
+    conns = {}
+    for segment, count in zip(segments, counts):
+        b = by_backend[(segment["address"], segment["port"])]
+        conns[id(b)] = conns.get(id(b), 0) + count
+    head, pcnt = _at_position(order, position)
+    return head, pcnt, conns
+
+
+def current_head(order, chain_counts, phase=0):
     how, target = render.schedule(order)
     if how == "single":
         return target
-    counts = chain_counts if chain_counts and len(chain_counts) == len(order) else [0] * len(order)
-    return _cycle(order, counts)[0]
+    return _cascade_view(order, phase, chain_counts)[0]
 
 
-def backend_runtime(table, entry, head, rule_counters, element_counters):
+def backend_runtime(table, entry, head, rule_counters, element_counters, phase=0):
     """Backends (configured order) with pcnt, connections and head, like the seed's
     /proc/net/ip_masq/portfw listing."""
     if table == "portfw":
@@ -658,13 +882,8 @@ def backend_runtime(table, entry, head, rule_counters, element_counters):
         pcnt[id(target)] = target["pref"] - total % target["pref"] if target["pref"] else 0
         head_b = target
     else:
-        counts = rule_counters.get(chain)
-        if not counts or len(counts) != len(target):
-            counts = [0] * len(target)
-        for b, c in zip(target, counts):
-            conns[id(b)] = c
-        head_b, head_pcnt = _cycle(target, counts)
-        pcnt[id(head_b)] = head_pcnt
+        head_b, pcnt[id(head_b)], conns = _cascade_view(target, phase, rule_counters.get(chain))
+        pcnt = {id(head_b): pcnt[id(head_b)]}
     out = []
     for b in entry["backends"]:
         src = next(o for o in order if o["address"] == b["address"] and o["port"] == b["port"])

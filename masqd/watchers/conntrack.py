@@ -28,7 +28,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-log = logging.getLogger("masqd.autofw_watch")
+log = logging.getLogger("masqd.watchers.conntrack")
 
 # ctnetlink multicast groups as bind() bitmask: NFNLGRP_CONNTRACK_NEW (1), _UPDATE (2).
 GROUPS = 1 | 2
@@ -115,6 +115,8 @@ def _read_local_addresses():
 class AutofwWatcher:
     """Runs in its own thread; `service` offers `autofw_control_seen(...)` and
     `control_ports()`."""
+
+    name = "autofw"
 
     def __init__(self, service, local_addresses=None):
         self.service = service

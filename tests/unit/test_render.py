@@ -207,3 +207,46 @@ def test_marks_render_criteria_and_restore_rule():
         'iifname "lan0" ip6 daddr != 2001:db8::/32 meta l4proto tcp th dport { 80-82, 443 } '
         'meta mark set 9 ct mark set 9 return',)
     assert frag.elements == {"mark_values": {"9": None}}
+
+
+def _simulate(segments, n):
+    """Backends the kernel's cascade picks for n connections: rule i has its own
+    numgen counter and takes `numgen mod rest < pref` of what reaches it."""
+    counters = [0] * len(segments)
+    out = []
+    for _ in range(n):
+        rest = sum(b["pref"] for b in segments)
+        for i, b in enumerate(segments):
+            if i == len(segments) - 1:
+                out.append(b["address"])
+                break
+            hit = counters[i] % rest < b["pref"]
+            counters[i] += 1
+            if hit:
+                out.append(b["address"])
+                break
+            rest -= b["pref"]
+    return out
+
+
+@pytest.mark.parametrize("prefs", [(15, 5), (1, 1, 1), (3, 1, 2), (7,), (2, 9, 4, 1)])
+def test_a_rotated_cascade_continues_the_sequence_exactly(prefs):
+    backends = [{"address": "10.0.0.%d" % (i + 1), "port": 80, "pref": p} for i, p in enumerate(prefs)]
+    total = sum(prefs)
+    reference = _simulate(backends, 3 * total + 50)
+    for phase in range(total):
+        rotated = render.rotate(backends, phase)
+        assert _simulate(rotated, 2 * total) == reference[phase:phase + 2 * total], phase
+        assert render.cycle_position(backends, phase, [0] * len(rotated)) == phase
+
+
+def test_the_seeds_15_5_rebuilt_after_8_connections():
+    backends = [{"address": "10.16.0.27", "port": 80, "pref": 15}, {"address": "10.16.0.28", "port": 80, "pref": 5}]
+    rules = render.cascade_rules(backends, lambda b: "meta l4proto tcp", phase=8)
+    assert rules == [
+        'meta l4proto tcp numgen inc mod 20 < 7 counter dnat ip to 10.16.0.27:80 comment "phase 8"',
+        "meta l4proto tcp numgen inc mod 13 < 5 counter dnat ip to 10.16.0.28:80",
+        "meta l4proto tcp counter dnat ip to 10.16.0.27:80"]
+    # 7 more connections (all to .27) put the cycle at 15: the head is .28.
+    assert render.cycle_position(backends, 8, [7, 0, 0]) == 15
+    assert render.cycle_position(backends, 8, [7, 0]) is None  # not this cascade's rules

@@ -9,7 +9,7 @@ import os
 import pytest
 
 from masqd import ipmasqadm, listing, model, render
-from masqd.autofw_watch import AutofwWatcher, ConntrackEvent, is_control, parse_event
+from masqd.watchers.conntrack import AutofwWatcher, ConntrackEvent, is_control, parse_event
 from masqd.model import ValidationError
 from masqd.nft import FakeNftables
 from masqd.service import AUTOFW_CONTROL_STATUS, Service

@@ -1,0 +1,333 @@
+"""Drift: someone else changed `inet masqd` (or flushed the whole ruleset).
+
+The kernel announces every committed nftables change on the NFNLGRP_NFTABLES netlink
+multicast group: one message per object (table, chain, rule, set, element), each with
+the netlink port id of the socket that committed it, then a NEWGEN message that ends
+the batch. The monitor subscribes in the agent's network namespace, keeps the
+messages that touch `inet masqd`, and when a batch from a port that is not one of the
+agent's own sockets ends, it hands the Service a DriftReport: the Service repairs the
+table with a full re-sync. The agent's own commits come from its libnftables socket,
+whose port id the monitor learns from /proc (it is the process's NETLINK_NETFILTER
+socket), so they never trigger a repair; kernel-originated messages (port 0, e.g. the
+expiry of a timed element) are not drift either.
+
+A deleted rule's message carries its expressions, so the counters (and the phase
+comment) of the schedules a `flush ruleset` destroyed are kept in the report: the
+repair continues every PORTFW/mfw schedule where it stood.
+
+Backstop (kube-proxy style): every `verify_interval` seconds, and after the socket
+overflowed (ENOBUFS: messages were lost), the Service compares the kernel's table
+with what it rendered and repairs a difference.
+
+The socket and the message parsing are plain stdlib (socket, struct) rather than
+pyroute2: the messages needed are five attribute types, the subscription is two
+calls, and pyroute2's nftables API differs between Debian 12's 0.7 and the 0.9 line
+(the agent must run on both), while this code does not depend on either.
+"""
+
+import errno
+import logging
+import os
+import socket
+import struct
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple
+
+log = logging.getLogger("masqd.watchers.ruleset")
+
+NETLINK_NETFILTER = 12
+SOL_NETLINK = 270
+NETLINK_ADD_MEMBERSHIP = 1
+NFNLGRP_NFTABLES = 7
+NFNL_SUBSYS_NFTABLES = 10
+NFPROTO_INET = 1
+RCVBUF = 32 << 20
+
+# NFT_MSG_* (linux/netfilter/nf_tables.h) -> (verb, object) as `nft monitor` says them.
+MESSAGES = {0: ("add", "table"), 2: ("delete", "table"), 3: ("add", "chain"),
+            5: ("delete", "chain"), 6: ("add", "rule"), 8: ("delete", "rule"),
+            9: ("add", "set"), 11: ("delete", "set"), 12: ("add", "element"),
+            14: ("delete", "element"), 18: ("add", "object"), 20: ("delete", "object")}
+NFT_MSG_NEWGEN = 15
+# Every NFT_MSG_* above carries its table's name as attribute 1 (NFTA_*_TABLE).
+NFTA_TABLE = 1
+NFTA_RULE_CHAIN, NFTA_RULE_EXPRESSIONS, NFTA_RULE_USERDATA = 2, 4, 7
+NFTA_GEN_PROC_PID, NFTA_GEN_PROC_NAME = 2, 3
+NFTA_CHAIN_NAME, NFTA_SET_NAME = 3, 2
+NFTA_EXPR_NAME, NFTA_EXPR_DATA, NFTA_COUNTER_PACKETS = 1, 2, 2
+NFTNL_UDATA_RULE_COMMENT = 0
+NLA_TYPE_MASK = 0x3FFF
+
+
+@dataclass
+class DriftReport:
+    """What one foreign batch did to the table."""
+
+    changes: List[str] = field(default_factory=list)          # "delete rule pf_… (…)", capped
+    change_count: int = 0
+    by: Optional[str] = None                                  # "nft (pid 1234)"
+    deleted_rules: Dict[str, List[Tuple[int, str]]] = field(default_factory=dict)  # chain -> [(packets, comment)]
+    table_deleted: bool = False
+    received: float = 0.0                                     # monotonic time of the batch's end
+
+    def summary(self) -> str:
+        if self.table_deleted:  # flush ruleset, delete table: the rest follows from it
+            return "delete table inet masqd (%d objects)%s" % (
+                self.change_count, " by %s" % self.by if self.by else "")
+        what = "; ".join(self.changes)
+        more = self.change_count - len(self.changes)
+        return "%s%s%s" % (what, " and %d more" % more if more > 0 else "",
+                           " by %s" % self.by if self.by else "")
+
+
+MAX_CHANGES_LISTED = 8
+
+
+def attributes(data: bytes, offset: int = 0, end: Optional[int] = None) -> Dict[int, bytes]:
+    """Netlink attributes (type -> payload) of `data[offset:end]`; nested ones stay bytes."""
+    out: Dict[int, bytes] = {}
+    end = len(data) if end is None else end
+    while offset + 4 <= end:
+        length, kind = struct.unpack_from("=HH", data, offset)
+        if length < 4:
+            break
+        out.setdefault(kind & NLA_TYPE_MASK, data[offset + 4:offset + length])
+        offset += (length + 3) & ~3
+    return out
+
+
+def attribute_list(data: bytes) -> List[bytes]:
+    """Payloads of a nested list (NFTA_LIST_ELEM, ...), in order."""
+    out, offset = [], 0
+    while offset + 4 <= len(data):
+        length, _kind = struct.unpack_from("=HH", data, offset)
+        if length < 4:
+            break
+        out.append(data[offset + 4:offset + length])
+        offset += (length + 3) & ~3
+    return out
+
+
+def _string(payload: Optional[bytes]) -> Optional[str]:
+    return None if payload is None else payload.split(b"\0", 1)[0].decode("utf-8", "replace")
+
+
+def rule_counter_and_comment(attrs: Dict[int, bytes]) -> Tuple[int, str]:
+    """(packets of the rule's counter, its comment) from a rule message."""
+    packets = 0
+    for expr in attribute_list(attrs.get(NFTA_RULE_EXPRESSIONS, b"")):
+        ea = attributes(expr)
+        if _string(ea.get(NFTA_EXPR_NAME)) == "counter":
+            data = attributes(ea.get(NFTA_EXPR_DATA, b""))
+            if NFTA_COUNTER_PACKETS in data:
+                packets = struct.unpack(">Q", data[NFTA_COUNTER_PACKETS][:8])[0]
+    comment = ""
+    udata, offset = attrs.get(NFTA_RULE_USERDATA, b""), 0
+    while offset + 2 <= len(udata):  # TLV: type u8, length u8, value
+        kind, length = udata[offset], udata[offset + 1]
+        if kind == NFTNL_UDATA_RULE_COMMENT:
+            comment = udata[offset + 2:offset + 2 + length].split(b"\0", 1)[0].decode("utf-8", "replace")
+        offset += 2 + length
+    return packets, comment
+
+
+@dataclass
+class Message:
+    kind: int          # NFT_MSG_*
+    portid: int
+    family: int
+    attrs: Dict[int, bytes]
+
+
+def messages(datagram: bytes) -> List[Message]:
+    """The nftables messages of one netlink datagram."""
+    out, offset = [], 0
+    while offset + 16 <= len(datagram):
+        length, mtype, _flags, _seq, portid = struct.unpack_from("=IHHII", datagram, offset)
+        if length < 16:
+            break
+        if mtype >> 8 == NFNL_SUBSYS_NFTABLES and length >= 20:
+            family = datagram[offset + 16]
+            out.append(Message(mtype & 0xFF, portid, family,
+                               attributes(datagram, offset + 20, offset + length)))
+        offset += (length + 3) & ~3
+    return out
+
+
+def own_netfilter_portids(exclude: int = 0) -> Set[int]:
+    """Port ids of this process's NETLINK_NETFILTER sockets (libnftables' among them),
+    from /proc/self/fd and /proc/self/net/netlink."""
+    inodes = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink("/proc/self/fd/" + fd)
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(int(target[8:-1]))
+    ports = set()
+    with open("/proc/self/net/netlink") as table:
+        next(table)
+        for line in table:
+            cols = line.split()
+            if len(cols) >= 10 and cols[1] == str(NETLINK_NETFILTER) and int(cols[9]) in inodes:
+                ports.add(int(cols[2]) & 0xFFFFFFFF)
+    ports.discard(exclude)
+    return ports
+
+
+class RulesetMonitor:
+    """Watches nftables events for foreign changes to `family table`; `on_drift` gets a
+    DriftReport (from the monitor's thread), `on_verify` is called for the backstop."""
+
+    name = "ruleset"
+
+    def __init__(self, on_drift: Callable[[DriftReport], None], on_verify: Callable[[str], None],
+                 table: str = "masqd", family: int = NFPROTO_INET, verify_interval: float = 60.0) -> None:
+        self.on_drift = on_drift
+        self.on_verify = on_verify
+        self.table, self.family = table, family
+        self.verify_interval = verify_interval
+        self.running = False
+        self.error: Optional[str] = None
+        self.events = self.foreign_batches = self.overflows = self.verifications = 0
+        self._sock: Optional[socket.socket] = None
+        self._own: Set[int] = set()
+        self._thread: Optional[threading.Thread] = None
+        self._stop = threading.Event()
+        self._pending: Optional[DriftReport] = None
+        self._next_verify = 0.0
+
+    # --- lifecycle ------------------------------------------------------------------
+
+    def start(self) -> bool:
+        try:
+            sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_NETFILTER)
+            try:  # root may exceed rmem_max: a full re-sync's events must not overflow it
+                sock.setsockopt(socket.SOL_SOCKET, 33, RCVBUF)  # SO_RCVBUFFORCE
+            except OSError:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF)
+            sock.bind((0, 0))
+            sock.setsockopt(SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, NFNLGRP_NFTABLES)
+            sock.settimeout(0.5)
+        except OSError as exc:
+            self.error = "cannot subscribe to nftables events: %s" % exc
+            log.error("ruleset monitor not running: %s", self.error)
+            return False
+        self._sock = sock
+        self._own = own_netfilter_portids(exclude=sock.getsockname()[0])
+        self._next_verify = time.monotonic() + self.verify_interval
+        self.running = True
+        self._thread = threading.Thread(target=self._main, name="ruleset-monitor", daemon=True)
+        self._thread.start()
+        log.info("ruleset monitor: subscribed to nftables events (own ports %s)",
+                 ", ".join(str(p) for p in sorted(self._own)) or "none yet")
+        return True
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5)
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+        self.running = False
+
+    def stats(self) -> Dict[str, Any]:
+        return {"running": self.running, "error": self.error, "events": self.events,
+                "foreign_batches": self.foreign_batches, "overflows": self.overflows,
+                "verifications": self.verifications, "verify_interval": self.verify_interval}
+
+    # --- the loop ---------------------------------------------------------------------
+
+    def _main(self) -> None:
+        assert self._sock is not None
+        while not self._stop.is_set():
+            try:
+                datagram = self._sock.recv(1 << 20)
+            except socket.timeout:
+                datagram = b""
+            except OSError as exc:
+                if self._stop.is_set():
+                    break
+                if exc.errno == errno.ENOBUFS:  # messages lost: only a comparison can tell
+                    self.overflows += 1
+                    self._pending = None
+                    self._verify("events lost (socket overflow)")
+                    continue
+                self.error = "%s" % exc
+                log.error("ruleset monitor stopped: %s", exc)
+                break
+            try:
+                for msg in messages(datagram):
+                    self.handle(msg)
+            except Exception as exc:  # one odd message must not end the monitor
+                log.warning("ruleset monitor: message ignored: %s: %s", type(exc).__name__, exc)
+            if self.verify_interval and time.monotonic() >= self._next_verify:
+                self._verify("periodic verification")
+        self.running = False
+
+    def _verify(self, reason: str) -> None:
+        self._next_verify = time.monotonic() + self.verify_interval
+        self.verifications += 1
+        try:
+            self.on_verify(reason)
+        except Exception as exc:
+            log.warning("ruleset verification failed: %s: %s", type(exc).__name__, exc)
+
+    def is_own(self, portid: int) -> bool:
+        if portid in self._own:
+            return True
+        if portid == 0:
+            return True  # the kernel itself (element expiry): not somebody's change
+        if self._sock is not None:  # a socket opened since start (libnftables reconnects)
+            self._own = own_netfilter_portids(exclude=self._sock.getsockname()[0])
+        return portid in self._own
+
+    def handle(self, msg: Message) -> Optional[DriftReport]:
+        """One message; returns the report handed to on_drift at the end of a foreign batch."""
+        self.events += 1
+        if msg.kind == NFT_MSG_NEWGEN:
+            report, self._pending = self._pending, None
+            if report is None or self.is_own(msg.portid):
+                return None
+            name = _string(msg.attrs.get(NFTA_GEN_PROC_NAME))
+            pid = msg.attrs.get(NFTA_GEN_PROC_PID)
+            report.by = "%s (pid %d)" % (name, struct.unpack(">I", pid[:4])[0]) if name and pid else name
+            report.received = time.monotonic()
+            self.foreign_batches += 1
+            log.warning("drift: %s", report.summary())
+            self.on_drift(report)
+            return report
+        verb_kind = MESSAGES.get(msg.kind)
+        if verb_kind is None or msg.family != self.family:
+            return None
+        if _string(msg.attrs.get(NFTA_TABLE)) != self.table or self.is_own(msg.portid):
+            return None
+        report = self._pending = self._pending or DriftReport()
+        verb, kind = verb_kind
+        report.change_count += 1
+        if kind == "table" and verb == "delete":
+            report.table_deleted = True
+        if kind == "rule" and verb == "delete":
+            chain = _string(msg.attrs.get(NFTA_RULE_CHAIN)) or "?"
+            report.deleted_rules.setdefault(chain, []).append(rule_counter_and_comment(msg.attrs))
+        described = _describe(verb, kind, msg.attrs, self.table)
+        if len(report.changes) < MAX_CHANGES_LISTED and "__set" not in described:  # not anonymous sets
+            report.changes.append(described)
+        return None
+
+
+def _describe(verb: str, kind: str, attrs: Dict[int, bytes], table: str) -> str:
+    name = None
+    if kind == "chain":
+        name = _string(attrs.get(NFTA_CHAIN_NAME))
+    elif kind == "rule":
+        name = _string(attrs.get(NFTA_RULE_CHAIN))
+    elif kind in ("set", "element"):
+        name = _string(attrs.get(NFTA_SET_NAME))
+    where = "inet %s" % table if kind == "table" else "%s%s" % (
+        "in " if kind in ("rule", "element") else "", name or "?")
+    return "%s %s %s" % (verb, kind, where)

@@ -11,6 +11,7 @@ nothing answers on the socket.
 
 import json
 import os
+import select
 import socket
 
 DEFAULT_SOCKET = "/run/masqd/masqd.sock"
@@ -93,8 +94,19 @@ class Client:
         self._sock = sock
         self._reader = sock.makefile("rb")
 
+    def _closed_by_agent(self):
+        """The agent hung up an idle connection (its idle timeout, or to make room):
+        nothing was sent on it since the last answer, so reconnecting is safe."""
+        try:
+            readable, _w, _x = select.select([self._sock], [], [], 0)
+            return bool(readable) and self._sock.recv(1, socket.MSG_PEEK) == b""
+        except OSError:
+            return True
+
     def call(self, request):
         """Send one request dict, return the agent's envelope as is (ok or not)."""
+        if self._sock is not None and self._closed_by_agent():
+            self.close()
         if self._sock is None:
             self._connect()
         line = json.dumps(request, separators=(",", ":")).encode() + b"\n"

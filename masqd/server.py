@@ -3,6 +3,13 @@
 One thread per connection; the Service serialises writes with its own lock. The
 socket is 0600 (0660 with a group) in a 0700 (0750) directory, and every peer is
 checked with SO_PEERCRED as well, so a loosened file mode does not open the agent.
+
+Hostile clients: no regex ever runs over a request (backtracking holds the GIL and
+froze every client); nesting is bounded by the JSON parser's own recursion limit and a
+linear walk of what it built. A request must arrive whole within REQUEST_TIMEOUT once
+its first byte came; a connection idle for IDLE_TIMEOUT is closed; when all
+MAX_CONNECTIONS slots are taken the longest-idle connection makes room, and root keeps
+ROOT_RESERVE further slots, so held-open connections never lock the operator out.
 """
 
 import contextlib
@@ -12,12 +19,12 @@ import grp
 import json
 import logging
 import os
-import re
 import selectors
 import socket
 import stat
 import struct
 import threading
+import time
 
 log = logging.getLogger("masqd.server")
 
@@ -25,9 +32,11 @@ MAX_REQUEST = 32 << 20         # bytes, newline excluded: a 200,000-key `set` (~
 MAX_DEPTH = 32                 # JSON nesting levels
 MAX_CONNECTIONS = 64
 MAX_DISCARD = 64 << 20         # an oversized request is skipped up to this much, then hung up
-
-_STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.S)
-_BRACKETS = re.compile(r"[\[\]{}]")
+ROOT_RESERVE = 8               # connections beyond MAX_CONNECTIONS that only uid 0 may take
+REQUEST_TIMEOUT = 10.0         # seconds: a started request must arrive whole within this
+IDLE_TIMEOUT = 60.0            # seconds: a connection waiting for its next request is closed after this
+RESPONSE_TIMEOUT = 30.0        # seconds: a client must read its response within this (it may be 28 MiB)
+_CHUNK = 1 << 20
 
 
 class ServerError(Exception):
@@ -38,32 +47,41 @@ def error_envelope(field, value, message):
     return {"ok": False, "error": {"field": field, "value": value, "message": message}}
 
 
-def json_depth(text):
-    """Deepest nesting of arrays/objects in `text` (strings skipped)."""
-    if text.count("[") + text.count("{") <= MAX_DEPTH:
-        return 0  # cannot be deeper than the limit: skip the scan
-    depth = deepest = 0
-    for char in _BRACKETS.findall(_STRING.sub("", text)):
-        if char in "[{":
-            depth += 1
-            deepest = max(deepest, depth)
-        else:
-            depth -= 1
-    return deepest
+def json_depth(value, limit=MAX_DEPTH):
+    """Nesting depth of a parsed JSON value (a scalar is 0, `[]` is 1), counted level by
+    level in linear time; stops counting at limit + 1."""
+    level = [value] if isinstance(value, (dict, list)) else []
+    depth = 0
+    while level and depth <= limit:
+        depth += 1
+        below = []
+        for item in level:
+            for child in (item.values() if isinstance(item, dict) else item):
+                if isinstance(child, (dict, list)):
+                    below.append(child)
+        level = below
+    return depth
 
 
 def parse_request(raw):
-    """Bytes of one request line -> (request dict, None) or (None, error envelope)."""
+    """Bytes of one request line -> (request dict, None) or (None, error envelope).
+
+    The parser bounds nesting itself (RecursionError near the interpreter's limit, in
+    linear time); json_depth then applies MAX_DEPTH to what it built. A request with
+    fewer brackets than MAX_DEPTH cannot be too deep and skips the walk."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         return None, error_envelope("request", None, "request is not UTF-8: %s" % exc)
-    if json_depth(text) > MAX_DEPTH:
-        return None, error_envelope("request", None, "JSON nested deeper than %d levels" % MAX_DEPTH)
+    too_deep = error_envelope("request", None, "JSON nested deeper than %d levels" % MAX_DEPTH)
     try:
         request = json.loads(text)
-    except (ValueError, RecursionError) as exc:
+    except RecursionError:
+        return None, too_deep
+    except ValueError as exc:
         return None, error_envelope("request", text[:80], "malformed JSON: %s" % exc)
+    if raw.count(b"[") + raw.count(b"{") > MAX_DEPTH and json_depth(request) > MAX_DEPTH:
+        return None, too_deep
     if not isinstance(request, dict):
         return None, error_envelope("request", None, "a request is a JSON object, got %s" % type(request).__name__)
     return request, None
@@ -99,6 +117,18 @@ def resolve_group(group):
         raise ServerError("--group %r: no such group" % group)
 
 
+class _Slot:
+    """One served connection: its thread, since when it has been waiting for a request
+    (None while a request is being read or answered) and whether it was evicted."""
+
+    __slots__ = ("thread", "idle_since", "evicted")
+
+    def __init__(self) -> None:
+        self.thread: "threading.Thread | None" = None
+        self.idle_since: "float | None" = time.monotonic()
+        self.evicted = False
+
+
 class Server:
     """Serves `service.handle` on a Unix socket at `socket_path`.
 
@@ -106,8 +136,11 @@ class Server:
     serve_forever() runs until shutdown() (callable from a signal handler).
     """
 
-    def __init__(self, service, socket_path, group=None):
+    def __init__(self, service, socket_path, group=None, idle_timeout=IDLE_TIMEOUT,
+                 request_timeout=REQUEST_TIMEOUT):
         self.service = service
+        self.idle_timeout = idle_timeout
+        self.request_timeout = request_timeout
         self.socket_path = os.path.abspath(socket_path)
         self.gid = resolve_group(group)
         self.group = group
@@ -231,17 +264,41 @@ class Server:
         except (BlockingIOError, InterruptedError):
             return
         conn.setblocking(True)
+        try:
+            uid = peer_credentials(conn)[1]
+        except OSError:
+            conn.close()
+            return
+        slot = _Slot()
+        slot.thread = threading.Thread(target=self._serve_connection, args=(conn, slot), daemon=True,
+                                       name="masqd-conn")
         with self._conns_lock:
-            crowded = len(self._conns) >= MAX_CONNECTIONS
-        if crowded:
+            admitted = self._make_room(uid)
+            if admitted:
+                self._conns[conn] = slot
+        if not admitted:
             self._send(conn, error_envelope(None, None, "too many connections (%d)" % MAX_CONNECTIONS))
             conn.close()
             return
-        thread = threading.Thread(target=self._serve_connection, args=(conn,), daemon=True,
-                                  name="masqd-conn")
-        with self._conns_lock:
-            self._conns[conn] = thread
-        thread.start()
+        slot.thread.start()
+
+    def _make_room(self, uid):
+        """Whether a new connection of `uid` may be served (call with _conns_lock held).
+        When every slot is taken, the longest-idle connection is closed to make room;
+        when none is idle, root still has ROOT_RESERVE slots."""
+        live = [(slot.idle_since, conn) for conn, slot in self._conns.items() if not slot.evicted]
+        if len(live) < MAX_CONNECTIONS:
+            return True
+        idle = [item for item in live if item[0] is not None]
+        if idle:
+            since, victim = min(idle, key=lambda item: item[0])
+            self._conns[victim].evicted = True
+            with contextlib.suppress(OSError):
+                victim.shutdown(socket.SHUT_RDWR)  # its thread's recv returns EOF
+            log.info("all %d connections taken: closed one idle for %.1fs", MAX_CONNECTIONS,
+                     time.monotonic() - since)
+            return True
+        return uid == 0 and len(live) < MAX_CONNECTIONS + ROOT_RESERVE
 
     def close(self):
         """Release everything (listener, socket file, lock); idempotent."""
@@ -263,8 +320,9 @@ class Server:
                 conn.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
-        for thread in conns.values():
-            thread.join(timeout=5)
+        for slot in conns.values():
+            if slot.thread is not None and slot.thread.ident is not None:
+                slot.thread.join(timeout=5)
         if self._lock_fd is not None:
             # The lock file stays: unlinking it would let two agents lock two inodes.
             os.close(self._lock_fd)
@@ -286,7 +344,7 @@ class Server:
         who = "members of group %s" % self.group if self.gid is not None else "no other user"
         return "uid %d may not use masqd: only root (and %s) may" % (uid, who)
 
-    def _serve_connection(self, conn):
+    def _serve_connection(self, conn, slot):
         try:
             pid, uid, gid = peer_credentials(conn)
             refusal = self.authorise(pid, uid, gid)
@@ -300,22 +358,18 @@ class Server:
                 with contextlib.suppress(OSError):
                     conn.recv(MAX_REQUEST)
                 return
-            reader = conn.makefile("rb")
+            pending = bytearray()
             while not self._stopping:
-                raw = reader.readline(MAX_REQUEST + 2)
-                if not raw:
+                raw = self._next_request(conn, slot, pending)
+                if raw is None:
                     return
-                if not raw.endswith(b"\n"):
-                    if len(raw) <= MAX_REQUEST or not self._discard_line(reader):
-                        return  # EOF in the middle of a request
-                    self._send(conn, error_envelope(
-                        "request", None, "request larger than %d bytes" % MAX_REQUEST))
+                if isinstance(raw, dict):  # a refusal of what was read (too large, too slow)
+                    hang_up = raw.pop("hang_up", False)
+                    if not self._send(conn, raw) or hang_up:
+                        return
                     continue
-                raw = raw.rstrip(b"\r\n")
+                raw = raw.rstrip(b"\r")
                 if not raw.strip():
-                    continue
-                if len(raw) > MAX_REQUEST:
-                    self._send(conn, error_envelope("request", None, "request larger than %d bytes" % MAX_REQUEST))
                     continue
                 if not self._send(conn, self.answer(raw)):
                     return
@@ -327,17 +381,62 @@ class Server:
                 self._conns.pop(conn, None)
             conn.close()
 
-    @staticmethod
-    def _discard_line(reader, bound=MAX_DISCARD):
-        """Skip the rest of an oversized request so the client can read the refusal."""
-        while bound > 0:
-            chunk = reader.readline(1 << 20)
+    def _next_request(self, conn, slot, pending):
+        """The next request line (bytes, newline removed), read through `pending`.
+
+        Returns an error envelope for a request over MAX_REQUEST (skipped up to
+        MAX_DISCARD) or one not complete within request_timeout of its first byte
+        (marked hang_up), and None to hang up silently: EOF, idle_timeout with nothing
+        pending, or eviction to make room for a new connection."""
+        scanned = discarded = 0
+        started = time.monotonic() if pending else None
+        if not pending:
+            slot.idle_since = time.monotonic()
+        while True:
+            newline = pending.find(b"\n", scanned)
+            if newline >= 0:
+                line = bytes(pending[:newline])
+                del pending[:newline + 1]
+                if discarded or len(line) > MAX_REQUEST:
+                    return error_envelope("request", None, "request larger than %d bytes" % MAX_REQUEST)
+                return line
+            if len(pending) > MAX_REQUEST:
+                discarded += len(pending)
+                pending.clear()
+                if discarded > MAX_REQUEST + MAX_DISCARD:
+                    return None
+            scanned = len(pending)
+            now = time.monotonic()
+            if started is None:
+                left = slot.idle_since + self.idle_timeout - now
+            else:
+                left = started + self.request_timeout - now
+            chunk = b""
+            if left > 0:
+                conn.settimeout(left)
+                try:
+                    chunk = conn.recv(_CHUNK)
+                except socket.timeout:
+                    left = 0
+            if left <= 0:
+                if started is None:
+                    log.debug("closing a connection idle for %gs", self.idle_timeout)
+                    return None
+                log.warning("closing a connection whose request was not complete within %gs",
+                            self.request_timeout)
+                envelope = error_envelope("request", None, "request not complete within %g seconds of its "
+                                          "first byte: closing the connection" % self.request_timeout)
+                envelope["hang_up"] = True
+                return envelope
             if not chunk:
-                return False
-            if chunk.endswith(b"\n"):
-                return True
-            bound -= len(chunk)
-        return False
+                return None
+            if started is None:
+                with self._conns_lock:
+                    if slot.evicted:
+                        return None
+                    slot.idle_since = None
+                started = time.monotonic()
+            pending += chunk
 
     def answer(self, raw):
         """The response envelope for one request line (never raises)."""
@@ -356,7 +455,9 @@ class Server:
 
     @staticmethod
     def _send(conn, envelope):
+        """Send one envelope; False if the client is gone or does not read it in time."""
         try:
+            conn.settimeout(RESPONSE_TIMEOUT)
             conn.sendall(json.dumps(envelope, separators=(",", ":")).encode() + b"\n")
             return True
         except OSError:

@@ -5,6 +5,7 @@ import os
 import socket
 import stat
 import threading
+import time
 
 import pytest
 
@@ -110,9 +111,154 @@ def test_deep_nesting_is_refused_before_parsing(running):
 
 
 def test_json_depth_ignores_brackets_inside_strings():
-    assert json_depth('{"a": "' + "[" * 100 + '"}') <= 1
-    assert json_depth("[" * 40 + "]" * 40) == 40
+    assert json_depth(json.loads('{"a": "' + "[" * 100 + '"}')) == 1
+    assert json_depth(json.loads("[" * 40 + "]" * 40)) == 33  # counting stops past MAX_DEPTH
+    assert json_depth(json.loads("[" * 40 + "]" * 40), limit=100) == 40
+    assert json_depth(json.loads('[1, {"a": [[]], "b": {}}, "x"]')) == 4
+    assert json_depth(7) == json_depth("[[[") == 0
     assert parse_request(b'{"op": "get"}') == ({"op": "get"}, None)
+    deep = b'{"op": "status", "x": ' + b"[" * 33 + b"]" * 33 + b"}"
+    assert "nested deeper than 32" in parse_request(deep)[1]["error"]["message"]
+    ok = b'{"op": "status", "x": ' + b"[" * 31 + b"]" * 31 + b"}"
+    assert parse_request(ok)[1] is None
+
+
+STALL = b'{"op":"status","x":' + b"[" * 40 + b'"' + b'\\"' * 64000  # 128 KiB: 34 s of regex backtracking before
+
+
+def _timed(function, *args, bound=1.0):
+    """Run function(*args) in a thread; its result, or an AssertionError after `bound` s."""
+    out = []
+    thread = threading.Thread(target=lambda: out.append(function(*args)), daemon=True)
+    started = time.monotonic()
+    thread.start()
+    thread.join(bound)
+    assert out, "still running after %.1fs" % bound
+    return out[0], time.monotonic() - started
+
+
+def test_the_stall_request_is_refused_in_linear_time():
+    (_request, envelope), took = _timed(parse_request, STALL)
+    error = envelope["error"]
+    assert error["field"] == "request" and "malformed JSON" in error["message"]
+    assert took < 0.1, took
+    # the same shape, closed: a real nesting error, found as fast
+    (_request, envelope), took = _timed(parse_request, STALL + b'"' + b"]" * 40 + b"}")
+    assert "nested deeper than 32" in envelope["error"]["message"] and took < 0.1
+    # 200,000 open brackets: the parser's own recursion limit, not a crash
+    (_request, envelope), took = _timed(parse_request, b"[" * 200000)
+    assert "nested deeper" in envelope["error"]["message"] and took < 0.5
+
+
+def test_another_client_is_served_while_the_stall_request_is_parsed(running):
+    _srv, _service, path = running
+    stall = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stall.settimeout(10)
+    stall.connect(path)
+    stall.sendall(STALL + b"\n")
+    worst = 0.0
+    with Client(path, timeout=5) as other:
+        for _probe in range(20):
+            started = time.monotonic()
+            assert other.request("status")["ok"]
+            worst = max(worst, time.monotonic() - started)
+    answer = json.loads(stall.makefile("rb").readline())
+    stall.close()
+    assert answer["ok"] is False and answer["error"]["field"] == "request"
+    assert worst < 0.1, worst
+
+
+@pytest.fixture
+def quick(tmp_path):
+    """A served EchoService with short timeouts: idle 0.5 s, request 0.5 s."""
+    path = str(tmp_path / "run" / "masqd.sock")
+    srv = Server(EchoService(), path, idle_timeout=0.5, request_timeout=0.5)
+    srv.listen()
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    yield srv, path
+    srv.shutdown()
+    thread.join(timeout=5)
+
+
+def _connect(path, timeout=5):
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(path)  # blocking: a full backlog waits instead of EAGAIN
+    sock.settimeout(timeout)
+    return sock
+
+
+def test_an_idle_connection_is_closed_after_the_idle_timeout(quick):
+    _srv, path = quick
+    sock = _connect(path)
+    sock.sendall(b'{"op": "status"}\n')
+    reader = sock.makefile("rb")
+    assert json.loads(reader.readline())["ok"]
+    started = time.monotonic()
+    assert reader.readline() == b""  # EOF: the agent hung up
+    assert 0.4 < time.monotonic() - started < 2
+    sock.close()
+
+
+def test_a_request_must_arrive_whole_within_the_request_timeout(quick):
+    _srv, path = quick
+    sock = _connect(path)
+    reader = sock.makefile("rb")
+    started = time.monotonic()
+    for byte in b'{"op": "sta':  # a slow drip for 0.4 s: each byte well within the idle timeout
+        sock.sendall(bytes([byte]))
+        time.sleep(0.035)
+    answer = json.loads(reader.readline())
+    assert answer["ok"] is False and answer["error"]["field"] == "request"
+    assert "not complete within 0.5 seconds" in answer["error"]["message"]
+    assert reader.readline() == b""
+    assert time.monotonic() - started < 2
+    sock.close()
+
+
+def test_a_client_reconnects_by_itself_after_the_idle_timeout(quick):
+    _srv, path = quick
+    with Client(path) as client:
+        assert client.request("status")["ok"]
+        time.sleep(0.8)
+        assert client.request("status")["ok"]
+
+
+def test_idle_connections_never_lock_out_a_new_one(running):
+    _srv, _service, path = running
+    held = [_connect(path) for _slot in range(server_mod.MAX_CONNECTIONS)]
+    try:
+        time.sleep(0.1)
+        with Client(path, timeout=5) as client:  # the longest-idle connection made room
+            assert client.request("status")["ok"]
+        assert held[0].recv(1) == b""
+        for sock in held[1:]:  # the others are still served
+            sock.sendall(b'{"op": "status"}\n')
+            assert json.loads(sock.makefile("rb").readline())["ok"]
+    finally:
+        for sock in held:
+            sock.close()
+
+
+def test_root_has_reserved_slots_when_every_connection_is_busy(running, monkeypatch):
+    srv, _service, path = running
+    busy = []
+    try:
+        for _slot in range(server_mod.MAX_CONNECTIONS):
+            sock = _connect(path)
+            sock.sendall(b'{"op": ')  # mid-request: not idle, not evictable
+            busy.append(sock)
+        time.sleep(0.2)
+        with Client(path, timeout=5) as client:  # the test runs as root
+            assert client.request("status")["ok"]
+        monkeypatch.setattr(server_mod, "peer_credentials", lambda sock: (1, 1000, 1000))
+        refused = _connect(path)
+        assert b"too many connections" in refused.makefile("rb").readline()
+        refused.close()
+    finally:
+        for sock in busy:
+            sock.close()
+    assert len(srv._conns) <= server_mod.MAX_CONNECTIONS + server_mod.ROOT_RESERVE
 
 
 def test_a_service_bug_is_an_error_envelope_not_a_dead_agent(running):

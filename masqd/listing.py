@@ -216,4 +216,17 @@ def format_status(result):
             lines.append("%-11s %d entries" % (name + ":", tables[name]))
     for name in sorted(set(tables) - {"portfw", "autofw", "mfw", "marks", "masquerade"}):
         lines.append("%-11s %s" % (name + ":", tables[name]))
+    for name, stats in sorted((result.get("watchers") or {}).items()):
+        lines.append("%-11s %s%s" % ("watcher:", name, " running" if stats.get("running")
+                                     else " NOT running: %s" % (stats.get("error") or "stopped")))
+    drift = result.get("drift")
+    if drift is not None:
+        last = drift.get("last")
+        lines.append("drift:      %d found%s" % (drift.get("count", 0), ", none yet" if not last else ""))
+        if last:
+            took = last.get("detected_to_repaired_seconds")
+            lines.append("  last:     %s %s: %s%s" % (last.get("at"), last.get("result"), last.get("found"),
+                                                   "" if took is None else " (%.0f ms)" % (took * 1000)))
+    for warning in result.get("warnings") or []:
+        lines.append("warning:    %s" % warning)
     return "\n".join(lines) + "\n"

@@ -16,6 +16,7 @@ import time
 from masqd import __version__, model, render
 from masqd.model import TABLES, ValidationError
 from masqd.nft import NftError, shape_of
+from masqd.rp_filter import rp_filter_warnings
 from masqd.store import JOURNAL_MAX, Store
 
 _REQUEST_FIELDS = ("op", "table", "tables", "entry", "entries", "revision", "mark")
@@ -267,7 +268,8 @@ class Service:
                        "socket": self.socket_path, "state_file": self.store.path,
                        "autofw_watcher": watcher,
                        "watchers": {name: w.stats() for name, w in self.watchers.items() if w is not None},
-                       "drift": self.drift.as_dict()}
+                       "drift": self.drift.as_dict(),
+                       "warnings": rp_filter_warnings(self._tables["marks"].values())}
 
     def _op_get(self, request):
         if request.get("table") is None:

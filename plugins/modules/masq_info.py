@@ -60,7 +60,14 @@ EXAMPLES = r"""
 
 RETURN = r"""
 status:
-  description: The agent's status.
+  description:
+    - The agent's status.
+    - C(drift) says how often something else changed the agent's nftables table (a
+      C(flush ruleset), a deleted rule) and the agent repaired it, with the last finding.
+    - C(watchers) has each watcher's state (C(ruleset) repairs drift, C(autofw) detects
+      AUTOFW control connections); C(warnings) lists configurations a spoofed source
+      could pass (a source classifier without an input interface while rp_filter is
+      not strict).
   returned: when V(status) or V(all) is in O(gather_subset)
   type: dict
   sample:
@@ -69,6 +76,18 @@ status:
     tables: {portfw: 1, autofw: 0, mfw: 2, marks: 2, masquerade: 2}
     socket: /run/masqd/masqd.sock
     state_file: /var/lib/masqd/state.json
+    drift:
+      count: 1
+      failures: 0
+      last:
+        at: "2026-12-01T20:31:07Z"
+        found: delete table inet masqd (41 objects) by nft (pid 4242)
+        result: repaired
+        repair_seconds: 0.004
+        detected_to_repaired_seconds: 0.005
+    watchers:
+      ruleset: {running: true, events: 212, foreign_batches: 1, verifications: 3}
+    warnings: []
 portfw:
   description: PORTFW entries; each backend also has C(pcnt) and C(connections).
   returned: when V(portfw) or V(all) is in O(gather_subset)

@@ -181,3 +181,26 @@ def test_agent_not_running_is_a_clear_message(tmp_path, ansible_env, netns_pair)
     assert proc.returncode != 0
     assert results["no agent"]["msg"] == (
         "masqd is not running at %s: apply the ipmasq.gateway.gateway role to install and start it" % socket_path)
+
+
+def test_masq_info_reports_a_repaired_drift(tmp_path, ansible_env, netns_pair, agent):
+    from ipmasq_lab import nsexec
+
+    inventory = write_inventory(tmp_path / "inv", [netns_pair["gw"]])
+    proc, _results = playbook(tmp_path, ansible_env, inventory, [
+        task("seed", "masq_portfw", state="overridden", config=SEED)], agent["socket"])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    nsexec.run(netns_pair["gw"], ["nft", "delete", "table", "inet", "masqd"], timeout=10, check=True)
+    deadline = time.monotonic() + 2
+    while nsexec.run(netns_pair["gw"], ["nft", "list", "table", "inet", "masqd"], timeout=10).returncode != 0:
+        assert time.monotonic() < deadline, "table not repaired within 2 s"
+        time.sleep(0.05)
+    proc, results = playbook(tmp_path, ansible_env, inventory, [
+        task("info", "masq_info", gather_subset=["status"]),
+        task("seed again", "masq_portfw", state="overridden", config=SEED)], agent["socket"])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    drift = results["info"]["status"]["drift"]
+    assert drift["count"] == 1 and drift["last"]["result"] == "repaired", drift
+    assert drift["last"]["found"].startswith("delete table inet masqd")
+    assert results["info"]["status"]["watchers"]["ruleset"]["running"] is True
+    assert results["seed again"]["changed"] is False  # the repair restored what the state says

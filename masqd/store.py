@@ -30,6 +30,7 @@ import datetime
 import errno
 import json
 import os
+import re
 import shutil
 import stat
 import zlib
@@ -344,11 +345,11 @@ class Store:
                 problem = "revision %d is the snapshot's own revision: two versions of one change" % revision
             elif revision > base and revision != expected:
                 if not present and expected == 1:
-                    problem = ("%s is missing and the journal starts at revision %d: revisions 1-%d were only "
-                               "in the snapshot" % (STATE_FILE, revision, revision - 1))
+                    problem = ("%s is missing and the journal starts at revision %d: %s only in the "
+                               "snapshot" % (STATE_FILE, revision, _revisions(1, revision - 1, "was", "were")))
                 else:
-                    problem = "revision %d where %d was expected: revisions %d-%d are missing" % (
-                        revision, expected, expected, revision - 1)
+                    problem = "revision %d where %d was expected: %s missing" % (
+                        revision, expected, _revisions(expected, revision - 1, "is", "are"))
             # revision < base: older than the snapshot (a crash between its rename and
             # the journal's unlink), already in it
             if problem is not None:
@@ -435,6 +436,7 @@ class Store:
                 seen.add(key)
                 kept.append(e)
             doc["tables"][table] = kept
+        base = doc["revision"]
         records, _end, damage = self._read_journal()
         total_lines = self._journal_lines()
         self._replay(doc, records, present, strict=False)
@@ -459,13 +461,27 @@ class Store:
                 os.chmod(copy, 0o600)
                 copies.append(copy)
         self._fsync_dir()
-        revision = doc["revision"] + 1  # a new revision: clients holding an old one must re-read
+        # A revision above any the damaged files may have acknowledged, so that a client
+        # holding one of them is refused as stale and re-reads.
+        revision = max(doc["revision"], base + total_lines, self._highest_revision_seen()) + 1
         heads = {k: v for k, v in doc.get("mfw_heads", {}).items()
                  if any(e["mark"] == int(k) for e in doc["tables"].get("mfw", []))}
         self.save({"revision": revision, "tables": {t: doc["tables"].get(t, []) for t in model.TABLES},
                    "mfw_heads": heads})
         return {"damaged": True, "copies": copies, "dropped": dropped, "revision": revision,
                 "entries": {t: len(doc["tables"].get(t, [])) for t in model.TABLES}}
+
+    def _highest_revision_seen(self) -> int:
+        highest = 0
+        for path in (self.path, self.journal_path):
+            try:
+                with open(path, "rb") as f:
+                    data = f.read()
+            except FileNotFoundError:
+                continue
+            for match in re.finditer(rb'"revision":\s*(\d{1,18})', data):
+                highest = max(highest, int(match.group(1)))
+        return highest
 
     def _journal_lines(self) -> int:
         try:
@@ -548,6 +564,10 @@ class Store:
             os.fsync(dfd)
         finally:
             os.close(dfd)
+
+
+def _revisions(low: int, high: int, one: str, many: str) -> str:
+    return "revision %d %s" % (low, one) if low == high else "revisions %d-%d %s" % (low, high, many)
 
 
 def _hashable(key: Any) -> Any:

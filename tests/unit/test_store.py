@@ -193,7 +193,7 @@ def test_a_record_of_the_snapshots_own_revision_refused(tmp_path):
 def test_missing_snapshot_refused_unless_the_journal_starts_at_one(tmp_path):
     store = journal_of(tmp_path, record(3, 83), record(4, 84), snapshot_revision=2)
     os.unlink(store.path)
-    refused(tmp_path, 1, ["state.json is missing", "revisions 1-2"])
+    refused(tmp_path, 1, ["state.json is missing", "revisions 1-2 were only in the snapshot"])
     # a journal from revision 1 (as format 1 agents wrote it) is complete by itself
     os.unlink(store.journal_path)
     journal_of(tmp_path, record(1, 81), record(2, 82))
@@ -299,7 +299,7 @@ def test_salvage_keeps_copies_loads_the_valid_prefix_and_writes_a_clean_snapshot
     damaged = files(str(tmp_path))
     report = Store(str(tmp_path)).salvage(now=NOW)
     assert report["damaged"] is True
-    assert report["revision"] == 3  # revision 2 reached, then a new one: old clients re-read
+    assert report["revision"] == 5  # above any revision the damaged files held: old clients re-read
     assert report["entries"]["portfw"] == 2
     assert len(report["dropped"]) == 1 and "state.journal line 3" in report["dropped"][0]
     assert "and the 1 after it dropped" in report["dropped"][0]
@@ -310,7 +310,7 @@ def test_salvage_keeps_copies_loads_the_valid_prefix_and_writes_a_clean_snapshot
     for name in after:
         assert stat.S_IMODE(os.stat(os.path.join(str(tmp_path), name)).st_mode) == 0o600
     doc = Store(str(tmp_path)).load()
-    assert doc["revision"] == 3 and doc["tables"]["portfw"] == [entry(81), entry(82)]
+    assert doc["revision"] == 5 and doc["tables"]["portfw"] == [entry(81), entry(82)]
 
 
 def test_salvage_drops_bad_snapshot_entries_and_leaves_intact_state_alone(tmp_path):

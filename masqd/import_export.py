@@ -84,10 +84,7 @@ def run_export(argv, client, out=sys.stdout, err=sys.stderr) -> int:
         as_script = True
     envelope = client.request("get")
     tables = envelope["result"]["tables"]
-    if as_script:
-        out.write(script(tables, envelope.get("revision")))
-    else:
-        out.write(yaml_out.export_document(tables, envelope.get("revision")))
+    out.write(script(tables) if as_script else yaml_out.export_document(tables))
     return EXIT_OK
 
 
@@ -151,9 +148,8 @@ _FLUSH = {"portfw": "masqctl portfw -f", "autofw": "masqctl autofw -F", "mfw": "
           "marks": "masqctl mark -F", "masquerade": "masqctl masq -F"}
 
 
-def script(tables: dict, revision=None) -> str:
-    lines = ["#!/bin/sh", "# masqctl export --script%s: the agent's tables as masqctl lines"
-             % ("" if revision is None else " (agent revision %s)" % revision), "set -e"]
+def script(tables: dict) -> str:
+    lines = ["#!/bin/sh", "# masqctl export --script: the agent's tables as masqctl lines", "set -e"]
     for table, variable in legacy_import.TABLE_VARIABLES:
         lines += ["", "# %s" % variable, _FLUSH[table]]
         for entry in tables.get(table, []):

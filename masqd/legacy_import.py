@@ -384,15 +384,16 @@ def _ipchains_argv(args):
     if marks:
         if target not in (None, "ACCEPT"):
             raise ValueError("ipchains: a marking rule with -j %s is a filter too; only marks are imported" % target)
+        # -j ACCEPT: the mark is the rule's only effect. -y (SYN only): masqd's marks
+        # are set on a connection's first packet anyway.
         rest, skip = [], False
-        for index, word in enumerate(args):
+        for word in args:
             if skip:
                 skip = False
-                continue
-            if word in ("-j", "--jump"):
+            elif word in ("-j", "--jump"):
                 skip = True
-                continue
-            rest.append(word)
+            elif word not in ("-y", "--syn"):
+                rest.append(word)
         return ["mark"] + rest
     if target is not None:
         raise ValueError("ipchains -j %s: only -m MARK rules (marks) and -j MASQ rules (masquerade) "

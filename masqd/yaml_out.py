@@ -96,13 +96,13 @@ def import_document(result) -> str:
     return document(variables, tuple(header))
 
 
-def export_document(tables: dict, revision=None) -> str:
-    """The YAML of the agent's tables ({table: entries as `get` returns them})."""
+def export_document(tables: dict) -> str:
+    """The YAML of the agent's tables ({table: entries as `get` returns them}); a
+    function of the tables alone, so two agents holding the same tables export the
+    same bytes."""
     from masqd.legacy_import import TABLE_VARIABLES, compact
 
     header = list(EXPORT_HEADER)
-    if revision is not None:
-        header.append("agent revision %s" % revision)
     variables = [(name, [(compact(table, entry), []) for entry in tables.get(table, [])])
                  for table, name in TABLE_VARIABLES]
     return document(variables, tuple(header))

@@ -510,3 +510,32 @@ def test_export_without_agent_exits_1():
     err = io.StringIO()
     assert masqctl.run(["--socket", "/nonexistent/masqd.sock", "export"], out=io.StringIO(), err=err) == 1
     assert "masqctl export: masqd is not running" in err.getvalue()
+
+
+def test_howto_rc_firewall_forms():
+    """IP-Masquerade-HOWTO era: programs behind variables with full paths, dotted
+    masks, 0/0, -i on the forward chain (output interface), -y on a marking rule."""
+    script = """\
+#!/bin/sh
+IPCHAINS=/sbin/ipchains
+IPMASQADM=/usr/sbin/ipmasqadm
+EXTIF="eth0"
+EXTIP="198.51.100.1"
+INTLAN="10.16.0.0/255.255.255.0"
+$IPMASQADM portfw -f
+$IPCHAINS -F forward
+$IPCHAINS -A forward -i $EXTIF -s $INTLAN -d 0/0 -j MASQ
+$IPCHAINS -I input -p tcp -y -d $EXTIP/32 8080 -m 2
+$IPMASQADM mfw -A -m 2 -r 10.16.0.27 80
+$IPMASQADM portfw -a -P tcp -L $EXTIP 25 -R 10.16.0.27 25
+"""
+    data = yaml.safe_load(document(script))
+    assert data["gateway_masquerade"] == [{"name": data["gateway_masquerade"][0]["name"], "source": "10.16.0.0/24",
+                                           "output_interface": "eth0"}]
+    assert data["gateway_marks"][0]["destination"] == "198.51.100.1/32"
+    assert data["gateway_marks"][0]["destination_ports"] == [8080]
+    assert data["gateway_mfw"] == [{"mark": 2, "backends": [{"address": "10.16.0.27", "port": 80, "pref": 10}]}]
+    assert data["gateway_portfw"][0]["local_port"] == 25
+    # the ifconfig | awk idiom is a runtime lookup: refused, and named
+    status, _out, err = run_import('EXTIP="`/sbin/ifconfig ppp0 | grep inet`"\n')
+    assert status == 2 and "<stdin>:1: command substitution" in err

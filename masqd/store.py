@@ -340,7 +340,7 @@ class Store:
             expected = max(base, previous or 0) + 1
             problem = None
             if previous is not None and revision <= previous:
-                problem = "revision %d after revision %d: out of sequence" % (revision, previous)
+                problem = "revision %d after revision %s: out of sequence" % (revision, previous)
             elif revision == base and present:
                 problem = "revision %d is the snapshot's own revision: two versions of one change" % revision
             elif revision > base and revision != expected:

@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from ansible_lab import REPO
-from test_role import ROLE_PLAY, gateway_lab, playbook, stats  # noqa: F401 (fixture)
+from test_role import ROLE_PLAY, gateway_lab, playbook, stats  # noqa: F401  pylint: disable=unused-import
 
 sys.path.insert(0, os.path.join(REPO, "tests", "lab"))
 from masqd_agent import FWMARK_SCRIPT, VENV_BIN  # noqa: E402
@@ -41,8 +41,8 @@ def warnings_in_gateway(lab):
     """masqd.rp_filter's warnings for the seed's classifiers, read in the gateway's namespace."""
     code = ("import json, sys; sys.path.insert(0, %r); from masqd.rp_filter import read_rp_filter; "
             "print(json.dumps(read_rp_filter()))" % REPO)
-    values = json.loads(lab.run("gateway", [sys.executable, "-c", code], timeout=20,
-                                              check=True).stdout)
+    result = lab.run("gateway", [sys.executable, "-c", code], timeout=20, check=True)
+    values = json.loads(result.stdout)
     friend = {"name": "friend", "mark": 1, "source": "203.0.113.0/24", "source_invert": False,
               "input_interface": None}
     return rp_filter_warnings([friend], values)
@@ -71,4 +71,3 @@ def test_role_default_stops_a_spoofed_friend_source(tmp_path, env, gateway_lab):
     assert len(warnings_in_gateway(gateway_lab)) == 1
     arrived, crafted_arrived = spoofed_from_client(gateway_lab)
     assert arrived and crafted_arrived
-

@@ -16,6 +16,9 @@ ENTRY = {"protocol": "tcp", "local_address": "198.51.100.1", "local_port": 80,
          "backends": [{"address": "10.16.0.27", "port": 80, "pref": 10}]}
 
 
+HEAD = {"address": "10.0.0.1", "port": None}
+
+
 def entry(port):
     return dict(ENTRY, local_port=port)
 
@@ -209,14 +212,11 @@ def test_missing_snapshot_refused_unless_the_journal_starts_at_one(tmp_path):
     ({"revision": 2, "table": "portfw", "put": [], "delete": [["tcp", "198.51.100.1"]]}, ["delete[0]"]),
     ({"revision": 2, "table": "nat", "put": [], "delete": []}, ["table must be one of"]),
     ({"revision": "2", "table": "portfw", "put": [], "delete": []}, ["revision must be an integer"]),
-    ({"revision": 2, "table": "mfw", "put": [], "delete": [], "mfw_heads": {"x": {"address": "10.0.0.1",
-                                                                                 "port": None}}},
+    ({"revision": 2, "table": "mfw", "put": [], "delete": [], "mfw_heads": {"x": HEAD}},
      ["mfw_heads['x']", "decimal integer"]),
-    ({"revision": 2, "table": "mfw", "put": [], "delete": [], "mfw_heads": {"\u0668": {"address": "10.0.0.1",
-                                                                                      "port": None}}},
+    ({"revision": 2, "table": "mfw", "put": [], "delete": [], "mfw_heads": {"\u0668": HEAD}},
      ["mfw_heads", "decimal integer"]),
-    ({"revision": 2, "table": "mfw", "put": [], "delete": [], "mfw_heads": {"1": {"address": "10.0.0.1",
-                                                                                 "port": "80"}}},
+    ({"revision": 2, "table": "mfw", "put": [], "delete": [], "mfw_heads": {"1": dict(HEAD, port="80")}},
      ["mfw_heads['1'].port"]),
 ])
 def test_type_corrupt_record_names_line_and_field(tmp_path, rec, words):

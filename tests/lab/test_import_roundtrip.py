@@ -9,6 +9,7 @@ import difflib
 import os
 import re
 import shutil
+import socket
 import sys
 import tempfile
 
@@ -209,6 +210,40 @@ def apply_with_modules(lab, agent, workdir, yaml_path, variables):
     return dict(host_results(json_output(proc), lab.netns(agent.host)))
 
 
+def parsed_and_gathered(lab, agent, workdir, script_text, variables):
+    """state=parsed of every imported table (running_config: the script) next to
+    state=gathered of the agent it was applied to, and state=rendered of the imported
+    config. parsed and rendered get a socket that listens but never answers, and no
+    connection may arrive on it: they never contact an agent."""
+    env = ansible_env(workdir)
+    spy_path = os.path.join(workdir, "spy.sock")
+    spy = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    spy.bind(spy_path)
+    spy.listen(16)
+    spy.setblocking(False)
+    inventory = write_inventory(_Path(os.path.join(workdir, "inventory")), [lab.netns(agent.host)])
+    tasks = []
+    for variable in variables:
+        module = "ipmasq.gateway." + MODULES[variable]
+        tasks += [{"name": "parsed " + variable, module: {"running_config": script_text, "state": "parsed",
+                                                          "socket": spy_path}},
+                  {"name": "gathered " + variable, module: {"state": "gathered", "socket": agent.socket}},
+                  {"name": "rendered " + variable, module: {"config": variables[variable], "state": "rendered",
+                                                            "socket": spy_path}}]
+    play = [{"name": "parsed", "hosts": "all", "gather_facts": False, "tasks": tasks}]
+    path = os.path.join(workdir, "parsed.yml")
+    with open(path, "w") as handle:
+        handle.write(yaml.safe_dump(play, sort_keys=False))
+    try:
+        proc = run(["ansible-playbook", "-i", inventory, path], env=env, timeout=180, check=False)
+        with pytest.raises(BlockingIOError):
+            spy.accept()  # nothing connected
+    finally:
+        spy.close()
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return dict(host_results(json_output(proc), lab.netns(agent.host)))
+
+
 class _Path(str):
     """write_inventory wants a pathlib-like object with write_text."""
 
@@ -281,6 +316,15 @@ def test_script_through_masqctl_equals_imported_yaml_through_modules(name, seed_
     # The same kernel table in both namespaces.
     assert_same_table(by_masqctl, by_modules)
     assert "10.16.0." in by_modules.table()
+
+    # The modules' parsed state reads the same script to the same tables (host names
+    # resolved on the gateway, which has no `extip`: the address is written instead).
+    results = parsed_and_gathered(seed_lab, by_modules, os.path.join(workdir, "parsed"),
+                                  SCRIPTS[name].replace("extip", "198.51.100.1"), variables)
+    for variable in variables:
+        assert results["parsed " + variable]["parsed"] == results["gathered " + variable]["gathered"], variable
+        assert results["rendered " + variable]["rendered"] == results["gathered " + variable]["gathered"], variable
+        assert results["parsed " + variable]["changed"] is False
 
     # export of either agent is the import, comments aside; tables the script never
     # names are empty on both.

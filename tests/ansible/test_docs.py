@@ -27,8 +27,8 @@ def test_module_doc_renders(module, ansible_env):
     options = doc["doc"]["options"]
     assert options["socket"]["default"] == "/run/masqd/masqd.sock"
     if module != "masq_info":
-        assert options["state"]["choices"] == ["merged", "replaced", "overridden", "deleted", "gathered", "rendered",
-                                              "parsed"]
+        assert options["state"]["choices"] == ["merged", "replaced", "overridden", "deleted", "gathered",
+                                               "rendered", "parsed"]
         assert set(doc["return"]) >= {"before", "after", "commands", "revision"}
     # Every task in EXAMPLES names its module by FQCN.
     for task in yaml.safe_load(doc["examples"]):

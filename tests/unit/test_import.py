@@ -232,8 +232,8 @@ ipchains -A input \\
 masqctl --socket /run/x.sock mark -A input -s "$NET" -p tcp --dport 80,443 -m 8
 """
     result = translate(script)
-    assert [(e["mark"], e["source"]) for e in result.entries("marks")] == [(7, "203.0.113.0/24"),
-                                                                         (8, "203.0.113.0/24")]
+    marks = [(e["mark"], e["source"]) for e in result.entries("marks")]
+    assert marks == [(7, "203.0.113.0/24"), (8, "203.0.113.0/24")]
     assert result.entries("marks")[1]["destination_ports"] == [80, 443]
     assert result.entry_sources("marks")[0] == [(5, "ipchains -A input -s ${NET} -m 7   # trailing comment")]
     # single quotes keep $NET literal, as in the shell

@@ -97,28 +97,33 @@ def main(argv=None):
     # Imported here so `masqd --help` works without libnftables.
     from masqd.service import Service
 
-    # One agent per state dir and per network namespace, decided before anything else
-    # (masqd.instance_lock); the locks live as long as the process.
+    # One agent per state dir and per network namespace (masqd.instance_lock), decided
+    # before the kernel is touched; the locks live as long as the process.
     from masqd.instance_lock import AlreadyRunning, InstanceLock
     from masqd.store import Store, StoreError
-    try:
-        Store(args.state_dir).ensure_dir()
-        instance = InstanceLock(args.state_dir)
-        instance.acquire_state_dir()
-        if args.salvage_state:
-            return salvage_state(args.state_dir)
-        instance.acquire_netns()
-    except (AlreadyRunning, StoreError, OSError) as exc:
-        log.error("cannot start: %s", exc)
-        return 1
+    instance = InstanceLock(args.state_dir)
+    if args.salvage_state:  # the state dir's lock only: no socket, no kernel
+        try:
+            Store(args.state_dir).ensure_dir()
+            instance.acquire_state_dir()
+        except (AlreadyRunning, StoreError, OSError) as exc:
+            log.error("cannot salvage: %s", exc)
+            return 1
+        return salvage_state(args.state_dir)
 
+    server = None
     try:
         server = Server(None, socket_path, group=args.group)
         # Take the socket before touching the kernel: a second agent on the same
         # socket must not reconcile the namespace under the first one.
         server.prepare()
-    except (ServerError, OSError) as exc:
+        Store(args.state_dir).ensure_dir()
+        instance.acquire_state_dir()
+        instance.acquire_netns()
+    except (ServerError, AlreadyRunning, StoreError, OSError) as exc:
         log.error("cannot start: %s", exc)
+        if server is not None:
+            server.close()
         return 1
 
     def stop(signum, _frame):

@@ -141,7 +141,7 @@ class LibNftables:
                 m = obj[kind]
                 timed = "timeout" in m.get("flags", []) or "dynamic" in m.get("flags", [])
                 table.shape[("map", m["name"])] = 0 if timed else len(m.get("elem", []))
-                if timed and kind == "map":
+                if timed:
                     out = table.timed.setdefault(m["name"], {})
                     for item in m.get("elem", []):
                         key, value = item if isinstance(item, list) else (item, None)

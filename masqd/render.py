@@ -333,15 +333,10 @@ for _fam_, _addr in ((4, "ipv4_addr"), (6, "ipv6_addr")):
                "type %s . inet_proto . inet_service : %s . inet_service; counter;" % (_addr, _addr)),
         # AUTOFW with a fixed hidden host: protocol . port range -> host (port kept).
         MapDef("autofw_" + _s, "map", "type inet_proto . inet_service : %s; flags interval;" % _addr),
-        # AUTOFW control-port detection (-c): the detected recipient of each range,
-        # timed elements the watcher writes and the kernel expires.
-        MapDef("autofw_recipients_" + _s, "map",
-               "type inet_proto . inet_service : %s; flags interval, timeout;" % _addr),
-        # The same keyed by the external peer (keyed_by_peer): peer . proto . range.
-        MapDef("autofw_peers_" + _s, "map",
-               "type %s . inet_proto . inet_service : %s; flags interval, timeout;" % (_addr, _addr)),
     ]
 BASE_MAPS += [
+    # AUTOFW control-port entries (-c): range -> the entry's chain (autofw_fragment).
+    MapDef("autofw_ranges", "map", "type inet_proto . inet_service : verdict; flags interval;"),
     MapDef("mfw_marks", "map", "type mark : verdict;"),
     # Marks masqd's classifiers assign: only these are restored from the ct mark.
     MapDef("mark_values", "set", "type mark;"),
@@ -357,10 +352,7 @@ PREROUTING_RULES = (
     "fib daddr type local meta mark != 0 meta mark vmap @mfw_marks",
     "fib daddr type local " + _L4 + " dnat ip to meta l4proto . th dport map @autofw_v4",
     "fib daddr type local " + _L4 + " dnat ip6 to meta l4proto . th dport map @autofw_v6",
-    "fib daddr type local " + _L4 + " dnat ip to ip saddr . meta l4proto . th dport map @autofw_peers_v4",
-    "fib daddr type local " + _L4 + " dnat ip6 to ip6 saddr . meta l4proto . th dport map @autofw_peers_v6",
-    "fib daddr type local " + _L4 + " dnat ip to meta l4proto . th dport map @autofw_recipients_v4",
-    "fib daddr type local " + _L4 + " dnat ip6 to meta l4proto . th dport map @autofw_recipients_v6",
+    "fib daddr type local " + _L4 + " meta l4proto . th dport vmap @autofw_ranges",
 )
 
 MARK_RULES = (
@@ -509,19 +501,93 @@ def autofw_range(entry):
     return "%s . %s" % (entry["protocol"], ports)
 
 
+def autofw_id(entry):
+    text = "%s %d %d" % (entry["protocol"], entry["low_port"], entry["high_port"])
+    return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
+
+
 def autofw_recipient_element(entry, family, peer=None):
-    """(map name, key text) of a detected recipient: autofw_recipients_* keyed by the
-    range, or autofw_peers_* keyed by peer . range (keyed_by_peer)."""
-    if peer is not None:
-        return "autofw_peers_" + _suffix(family), "%s . %s" % (peer, autofw_range(entry))
-    return "autofw_recipients_" + _suffix(family), autofw_range(entry)
+    """(map name, key text) of a detected recipient in the entry's own timed map:
+    keyed by a constant (`meta nfproto`: "ipv4"/"ipv6"), or by the external peer
+    (keyed_by_peer)."""
+    key = peer if peer is not None else ("ipv6" if family == 6 else "ipv4")
+    return "autofw_r%d_%s" % (family, autofw_id(entry)), key
+
+
+def autofw_holder_element(entry, family, address, peer=None):
+    """(set name, key text) of the host whose control traffic may refresh a recipient."""
+    key = address if peer is None else "%s . %s" % (address, peer)
+    return "autofw_h%d_%s" % (family, autofw_id(entry)), key
 
 
 def autofw_fragment(entry):
-    if entry["hidden_host"] is None:
-        return EMPTY  # control port: elements are runtime state, written by the watcher
-    fam = _fam(entry["hidden_host"])
-    return Fragment(elements={"autofw_" + _suffix(fam): {autofw_range(entry): entry["hidden_host"]}})
+    if entry["hidden_host"] is not None:
+        fam = _fam(entry["hidden_host"])
+        return Fragment(elements={"autofw_" + _suffix(fam): {autofw_range(entry): entry["hidden_host"]}})
+    # Control-port detection (-c): the watcher writes the recipient (conntrack NEW) into
+    # the entry's timed map and the holder set; every later control packet of the holder
+    # refreshes both in the kernel (autofw_control_fragment), so an active control
+    # connection keeps the range and an idle one lets it expire: no event reaches Python.
+    ident = autofw_id(entry)
+    maps, rules = [], []
+    for fam, addr in ((4, "ipv4_addr"), (6, "ipv6_addr")):
+        r_name, _k = autofw_recipient_element(entry, fam)
+        h_name, _k = autofw_holder_element(entry, fam, "")
+        if entry["keyed_by_peer"]:
+            maps.append(MapDef(r_name, "map", "type %s : %s; flags dynamic, timeout;" % (addr, addr)))
+            maps.append(MapDef(h_name, "set", "type %s . %s; flags dynamic, timeout;" % (addr, addr)))
+            rules.append("dnat %s to %s saddr map @%s" % (_ipkw(fam), _ipkw(fam), r_name))
+        else:
+            maps.append(MapDef(r_name, "map", "type nf_proto : %s; flags dynamic, timeout;" % addr))
+            maps.append(MapDef(h_name, "set", "type %s; flags dynamic, timeout;" % addr))
+            rules.append("meta nfproto %s dnat %s to meta nfproto map @%s"
+                         % ("ipv6" if fam == 6 else "ipv4", _ipkw(fam), r_name))
+    chain = Chain("autofw_in_" + ident, None, tuple(rules))
+    return Fragment(chains=[chain], maps=maps,
+                    elements={"autofw_ranges": {autofw_range(entry): "goto " + chain.name}})
+
+
+_FILTER_FWD_AUTOFW = "type filter hook forward priority filter - 1; policy accept;"
+
+
+def autofw_refresh_rules(entry):
+    """Rules that refresh an entry's recipient from its holder's control packets."""
+    rules = []
+    timeout = entry["timeout"]
+    for fam in (4, 6):
+        ip = _ipkw(fam)
+        r_name, _k = autofw_recipient_element(entry, fam)
+        h_name, _k = autofw_holder_element(entry, fam, "")
+        if entry["keyed_by_peer"]:
+            rules.append("%s saddr . %s daddr @%s update @%s { %s saddr . %s daddr timeout %ds } "
+                         "update @%s { %s daddr timeout %ds : %s saddr }"
+                         % (ip, ip, h_name, h_name, ip, ip, timeout, r_name, ip, timeout, ip))
+        else:
+            rules.append("%s saddr @%s update @%s { %s saddr timeout %ds } "
+                         "update @%s { meta nfproto timeout %ds : %s saddr }"
+                         % (ip, h_name, h_name, ip, timeout, r_name, timeout, ip))
+    return rules
+
+
+def autofw_control_fragment(entries):
+    """The forward-path refresh of every control-port entry: one chain per control
+    protocol/port, dispatched by one verdict map (absent without control entries)."""
+    by_port = {}
+    for e in entries:
+        if e["hidden_host"] is None:
+            by_port.setdefault((e["control_protocol"], e["control_port"]), []).extend(autofw_refresh_rules(e))
+    if not by_port:
+        return EMPTY
+    chains, dispatch = [], {}
+    for (proto, port), rules in sorted(by_port.items()):
+        name = "autofw_control_%s_%d" % (proto, port)
+        chains.append(Chain(name, None, tuple(rules)))
+        dispatch["%s . %d" % (proto, port)] = "jump " + name
+    chains.append(Chain("autofw_forward", _FILTER_FWD_AUTOFW,
+                        (_L4 + " meta l4proto . th dport vmap @autofw_controls",)))
+    return Fragment(chains=chains,
+                    maps=[MapDef("autofw_controls", "map", "type inet_proto . inet_service : verdict;")],
+                    elements={"autofw_controls": dispatch})
 
 
 def _port_set(ports):
@@ -659,7 +725,8 @@ def fragment_for(table, key, tables, mfw_heads):
     if table == "portfw":
         return fid, portfw_fragment(entry)
     if table == "autofw":
-        return fid, autofw_fragment(entry)
+        frag = autofw_fragment(entry)
+        return fid, None if frag == EMPTY else frag
     return fid, mfw_fragment(entry, mfw_heads.get(key))
 
 
@@ -672,9 +739,10 @@ def render(tables, mfw_heads=None, phases=None):
     fragments["marks"] = marks_fragment(list(tables.get("marks", {}).values()))
     fragments["masquerade"] = masquerade_fragment(list(tables.get("masquerade", {}).values()))
     for key, entry in tables.get("autofw", {}).items():
-        frag = autofw_fragment(entry)
-        if frag is not EMPTY:
-            fragments[("autofw", key)] = frag
+        fragments[("autofw", key)] = autofw_fragment(entry)
+    control = autofw_control_fragment(tables.get("autofw", {}).values())
+    if control is not EMPTY:
+        fragments["autofw_control"] = control
     for key, entry in tables.get("mfw", {}).items():
         fragments[("mfw", key)] = mfw_fragment(entry, mfw_heads.get(key), phases.get(("mfw", key), 0))
     return Ruleset(fragments, tables.get("portfw", {}), phases)

@@ -8,12 +8,14 @@ serialises every request, so the daemon may call `handle` from many threads.
 """
 
 import contextlib
+import copy
 import gc
+import queue
 import logging
 import threading
 import time
 
-from masqd import __version__, model, render
+from masqd import __version__, autofw_runtime, model, render
 from masqd.model import TABLES, ValidationError
 from masqd.nft import NftError, shape_of
 from masqd.rp_filter import rp_filter_warnings
@@ -21,10 +23,11 @@ from masqd.store import JOURNAL_MAX, Store
 
 _REQUEST_FIELDS = ("op", "table", "tables", "entry", "entries", "revision", "mark")
 _WRITE_OPS = ("add", "insert", "edit", "delete", "flush", "set", "schedule")
+_READ_OPS = ("status", "get", "list")
 _BACKEND_TABLES = ("portfw", "mfw")
 _WHOLE_TABLE_FRAGMENTS = ("marks", "masquerade")
-AUTOFW_CONTROL_STATUS = "waiting: no control traffic seen"
-AUTOFW_NO_WATCHER = "inactive: control-port watcher not running"
+AUTOFW_CONTROL_STATUS = autofw_runtime.WAITING
+AUTOFW_NO_WATCHER = autofw_runtime.NO_WATCHER
 
 log = logging.getLogger("masqd.service")
 
@@ -43,13 +46,12 @@ class Service:
         self._mfw_heads = {}
         self._revision = 0
         self._ruleset = None
-        # AUTOFW control-port detection, runtime only (the kernel expires the elements):
-        # key -> {peer or None: recipient record}; see autofw_control_seen.
-        self._autofw_live = {}
+        # AUTOFW control-port detection: who receives each range (runtime only).
+        self.autofw = autofw_runtime.AutofwRecipients(lambda: self.nft, lambda: self.clock())
         self.watchers = {}  # name -> running watcher (masqd.watchers), for status
         self.clock = time.monotonic
         self.drift = DriftRecord()
-        self._reader = None  # a second kernel handle for reads off the lock (verification)
+        self._readers = _Readers(lambda: self.nft)  # kernel handles for reads off the lock
 
     @property
     def watcher(self):
@@ -99,18 +101,13 @@ class Service:
         phases = self._carried_phases(kernel, deleted_rules or {})
         ruleset = render.render(self._tables, self._mfw_heads, phases)
         txn = render.full_sync(ruleset)
-        recipients = self._carried_recipients(kernel)
-        txn.ops += [render.Op("add", "element", name, [(key, value)]) for name, key, value, _r in recipients]
+        carried = self.autofw.carried(self._tables["autofw"], kernel)
+        txn.ops += carried
         self.nft.apply(txn)
         self._ruleset = ruleset
-        self._autofw_live = {}
-        now = self.clock()
-        for _name, _key, _value, record in recipients:
-            record["refreshed"] = now - (record.pop("timeout") - record.pop("expires"))
-            self._autofw_live.setdefault(record.pop("entry"), {})[record["peer"]] = record
         if previous is not None:
             log.info("full re-sync: %d schedules continued, %d AUTOFW recipients kept",
-                     len(phases), len(recipients))
+                     len(phases), len(carried) // 2)
 
     def _cascades(self):
         """(fid, chain name, backends in schedule order) of every multi-backend schedule."""
@@ -140,44 +137,6 @@ class Service:
                 phases[fid] = position
         return phases
 
-    def _carried_recipients(self, kernel):
-        """[(map, element text, value, live record)] of the detected AUTOFW recipients
-        to re-create: each still-valid one the kernel holds with its remaining time, or
-        (table gone) the agent's records of them."""
-        out = []
-        now = self.clock()
-        for key, entry in self._tables["autofw"].items():
-            if entry["hidden_host"] is not None:
-                continue
-            known = self._autofw_live.get(key, {})
-            for family in (4, 6):
-                for peer_map in (False, True):
-                    name, _elem = render.autofw_recipient_element(entry, family, "" if peer_map else None)
-                    held = (kernel.timed.get(name, {}) if kernel is not None else {})
-                    for elem, (value, timeout, expires) in held.items():
-                        peer = _peer_of(elem, entry) if peer_map else None
-                        if (peer_map and peer is None) or (not peer_map and elem != render.autofw_range(entry)):
-                            continue
-                        if not value or not expires:
-                            continue
-                        old = known.get(peer) or {}
-                        out.append(self._recipient(name, elem, value, family, peer, entry, key,
-                                                   timeout or entry["timeout"], expires, old))
-            if kernel is None:  # the table is gone: the agent's own records
-                for peer, record in known.items():
-                    left = int(record["refreshed"] + entry["timeout"] - now)
-                    if left > 0:
-                        name, elem = render.autofw_recipient_element(entry, record["family"], peer)
-                        out.append(self._recipient(name, elem, record["address"], record["family"], peer,
-                                                   entry, key, entry["timeout"], left, record))
-        return out
-
-    @staticmethod
-    def _recipient(name, elem, value, family, peer, entry, key, timeout, expires, old):
-        record = {"address": value, "family": family, "peer": peer, "since": old.get("since", time.time()),
-                  "replaced": old.get("replaced"), "timeout": timeout, "expires": expires, "entry": key}
-        return name, "%s timeout %ds expires %ds" % (elem, timeout, expires), value, record
-
     # --- drift: somebody else changed the table (masqd.watchers.ruleset) ----------------
 
     def repair_drift(self, report):
@@ -201,12 +160,10 @@ class Service:
         off the lock with a second kernel handle; repair (under the lock) if not."""
         if self._ruleset is None:
             return
-        if self._reader is None:
-            from masqd.nft import LibNftables
-            self._reader = LibNftables() if type(self.nft).__name__ == "LibNftables" else self.nft
         ruleset = self._ruleset
         want = shape_of(*ruleset.objects())
-        kernel = self._reader.read_table()
+        with self._readers.borrow() as reader:
+            kernel = reader.read_table()
         if kernel is not None and kernel.shape == want:
             return
         with self._lock, _bulk_allocation():
@@ -227,10 +184,18 @@ class Service:
 
     def handle(self, request):
         try:
+            if isinstance(request, dict) and request.get("op") in _READ_OPS:
+                # Reads run on a snapshot, off the lock, with a kernel handle of their
+                # own: a long `list` never holds up writers or other readers.
+                with self._lock:
+                    self._need_started(request)
+                    view = copy.copy(self)
+                    view.autofw = self.autofw.snapshot()
+                with self._readers.borrow() as reader:
+                    view.nft = reader
+                    return view._handle(request)
             with self._lock, _bulk_allocation():
-                if self._ruleset is None:
-                    raise ValidationError("op", request.get("op") if isinstance(request, dict) else None,
-                                          "the agent is not started")
+                self._need_started(request)
                 return self._handle(request)
         except ValidationError as exc:
             return {"ok": False, "error": exc.to_dict()}
@@ -239,6 +204,11 @@ class Service:
         except Exception as exc:  # never let one request take the agent down
             return {"ok": False, "error": {"field": None, "value": None,
                                            "message": "internal error: %s: %s" % (type(exc).__name__, exc)}}
+
+    def _need_started(self, request):
+        if self._ruleset is None:
+            raise ValidationError("op", request.get("op") if isinstance(request, dict) else None,
+                                  "the agent is not started")
 
     def _handle(self, request):
         if not isinstance(request, dict):
@@ -281,7 +251,7 @@ class Service:
         tables = TABLES if request.get("table") is None else (model.table_name(request["table"]),)
         counters = self.nft.read_counters() if any(t in _BACKEND_TABLES for t in tables) else ({}, {})
         if "autofw" in tables:
-            counters = counters + (self._autofw_kernel_view(),)
+            counters = counters + (self.nft.read_elements(self.autofw.map_names(self._tables["autofw"])),)
         out = {t: [self._runtime(t, key, e, counters) for key, e in self._tables[t].items()] for t in tables}
         if request.get("table") is None:
             return False, {"tables": out}
@@ -290,7 +260,8 @@ class Service:
     def _runtime(self, table, key, entry, counters):
         entry = dict(entry)
         if table == "autofw":
-            return self._autofw_runtime(key, entry, counters[2])
+            watcher = self.watcher
+            return self.autofw.runtime(key, entry, counters[2], None if watcher is None else watcher.running)
         elif table in _BACKEND_TABLES:
             entry["backends"] = backend_runtime(table, entry, self._mfw_heads.get(key), *counters[:2],
                                                 phase=self._ruleset.phases.get((table, key), 0))
@@ -525,7 +496,9 @@ class Service:
             for key in [None] if table in _WHOLE_TABLE_FRAGMENTS else keys:
                 fid, frag = render.fragment_for(table, key, tables, heads)
                 fragments[fid] = frag
-        return self._ruleset.replace(fragments, portfw=portfw), fids
+            if table == "autofw":
+                fragments["autofw_control"] = render.autofw_control_fragment(new_table.values())
+        return self._ruleset.replace(fragments, portfw=portfw, touched=fids), fids
 
     def _commit(self, changes, heads, record):
         """Apply and persist `changes` ({table: (new table, keys)}) in one transaction.
@@ -559,7 +532,7 @@ class Service:
         self._tables, self._mfw_heads, self._revision, self._ruleset = tables, heads, revision, new_rs
         if "autofw" in changes:
             new_autofw = changes["autofw"][0]
-            self._autofw_forget([k for k in changes["autofw"][1] if old_autofw.get(k) != new_autofw.get(k)])
+            self.autofw.forget(old_autofw, [k for k in changes["autofw"][1] if old_autofw.get(k) != new_autofw.get(k)])
         return True
 
     def _apply(self, txn, new_rs, field):
@@ -577,7 +550,7 @@ class Service:
         except NftError:
             raise KernelRejected(_kernel_error(field, first)) from None
         self.nft.apply(full)
-        self._autofw_live = {}  # the re-created table holds no detected recipients
+        self.autofw.live = {}  # the re-created table holds no detected recipients
 
     def _rollback(self, new_rs, fids):
         try:
@@ -585,7 +558,7 @@ class Service:
         except NftError:
             self.nft.apply(render.full_sync(self._ruleset))
 
-    # --- AUTOFW control-port detection (runtime state, fed by masqd.autofw_watch) ------
+    # --- AUTOFW control-port detection (fed by masqd.watchers.conntrack) ----------------
 
     def control_ports(self):
         """{(protocol, port)} the watcher must report (lock-free: tables are swapped whole)."""
@@ -593,116 +566,41 @@ class Service:
                 for e in self._tables["autofw"].values() if e["control_port"]}
 
     def autofw_control_seen(self, protocol, source, destination, port, kind="new"):
-        """A connection from internal host `source` to `destination`:`port` (`protocol`)
-        was created (`kind` "new") or changed state ("update"). Every control-port entry
-        for that protocol/port gets `source` as its recipient (per `destination` with
-        keyed_by_peer), as timed map elements: a new connection sets the recipient
-        (the most recent wins), an update of the current recipient's connection
-        refreshes its timeout. Returns [(entry key, "set" | "replaced" | "refreshed")]."""
+        """A control connection from internal host `source` to `destination`:`port`;
+        see masqd.autofw_runtime. Returns [(entry key, "set" | "replaced" | "refreshed")]."""
         with self._lock:
             if self._ruleset is None:
                 return []
-            done = []
-            for key, entry in self._tables["autofw"].items():
-                if entry["control_protocol"] != protocol or entry["control_port"] != port:
-                    continue
-                action = self._autofw_program(key, entry, source, destination, kind)
-                if action:
-                    done.append((key, action))
-            return done
+            return self.autofw.seen(self._tables["autofw"], protocol, source, destination, port, kind)
 
-    def _autofw_program(self, key, entry, source, destination, kind):
-        family = 6 if ":" in source else 4
-        peer = destination if entry["keyed_by_peer"] else None
-        live = self._autofw_live.setdefault(key, {})
-        now = self.clock()
-        current = live.get(peer)
-        if current is not None and now >= current["refreshed"] + entry["timeout"]:
-            live.pop(peer)  # expired in the kernel too
-            current = None
-        if kind != "new" and (current is None or current["address"] != source):
-            return None  # only new connections choose a recipient
-        timeout = entry["timeout"]
-        ops = []
-        if current is not None and current["address"] == source:
-            action = "refreshed"
-        else:
-            action = "replaced" if current is not None else "set"
-            if current is not None:
-                ops += _element_remove(entry, current)
-            if peer is None:
-                for other in list(live.values()):  # one client at a time (the seed's limit)
-                    ops += _element_remove(entry, other)
-                live.clear()
-        name, elem = render.autofw_recipient_element(entry, family, peer)
-        # `expires` as well: re-adding an existing element updates its expiry only when
-        # told so (kernel 6.x element update); `timeout` alone would leave it running.
-        element = "%s timeout %ds expires %ds" % (elem, timeout, timeout)
-        ops.append(render.Op("add", "element", name, [(element, source)]))
+
+class _Readers:
+    """A pool of kernel handles for reads off the service lock (libnftables contexts
+    are not thread-safe). With another backend (the fake kernel of the unit tests) the
+    service's own handle is used."""
+
+    MAX_IDLE = 4
+
+    def __init__(self, backend):
+        self._backend = backend
+        self._idle = queue.SimpleQueue()
+
+    @contextlib.contextmanager
+    def borrow(self):
+        from masqd.nft import LibNftables
+        backend = self._backend()
+        if not isinstance(backend, LibNftables):
+            yield backend
+            return
         try:
-            self.nft.apply(render.Transaction(ops))
-        except NftError as exc:
-            log.warning("autofw %s: cannot program recipient %s: %s", _key_text(key), source, exc)
-            return None
-        wall = time.time()
-        record = {"address": source, "family": family, "peer": peer, "refreshed": now,
-                  "since": wall if action != "refreshed" else current["since"],
-                  "replaced": None}
-        if action == "refreshed":
-            record["replaced"] = current["replaced"]
-        elif action == "replaced":
-            record["replaced"] = {"address": current["address"], "at": _iso(wall)}
-        live[peer] = record
-        if action != "refreshed":
-            log.info("autofw %s: recipient %s%s%s", _key_text(key), source,
-                     " for peer %s" % peer if peer else "",
-                     " (replaced %s)" % current["address"] if action == "replaced" else "")
-        return action
-
-    def _autofw_forget(self, keys):
-        """Drop the detected recipients of changed or deleted entries (kernel and memory)."""
-        for key in keys:
-            live = self._autofw_live.pop(key, None)
-            if not live:
-                continue
-            ops = []
-            for record in live.values():
-                ops += _element_remove(_range_of(key), record)
-            try:
-                self.nft.apply(render.Transaction(ops))
-            except NftError as exc:
-                log.warning("autofw %s: cannot remove recipients: %s", _key_text(key), exc)
-
-    def _autofw_kernel_view(self):
-        if not any(e["hidden_host"] is None for e in self._tables["autofw"].values()):
-            return {}
-        names = ["autofw_%s_%s" % (kind, fam) for kind in ("recipients", "peers") for fam in ("v4", "v6")]
-        return self.nft.read_elements(names)
-
-    def _autofw_runtime(self, key, entry, kernel):
-        entry = dict(entry, recipient=entry["hidden_host"], expires=None, recipients=[])
-        if entry["hidden_host"]:
-            entry["status"] = "active"
-            return entry
-        live = self._autofw_live.get(key, {})
-        for peer, record in sorted(live.items(), key=lambda item: item[0] or ""):
-            name, elem = render.autofw_recipient_element(entry, record["family"], peer)
-            seen = kernel.get(name, {}).get(elem)
-            if seen is None or seen["value"] != record["address"]:
-                continue  # expired (the kernel's job) or gone
-            entry["recipients"].append({
-                "peer": peer, "address": record["address"], "expires": seen["expires"],
-                "since": _iso(record["since"]), "replaced": record["replaced"]})
-        if entry["recipients"] and not entry["keyed_by_peer"]:
-            entry["recipient"] = entry["recipients"][0]["address"]
-            entry["expires"] = entry["recipients"][0]["expires"]
-        if entry["recipients"]:
-            entry["status"] = "active"
-        elif self.watcher is not None and not self.watcher.running:
-            entry["status"] = AUTOFW_NO_WATCHER
-        else:
-            entry["status"] = AUTOFW_CONTROL_STATUS
-        return entry
+            handle = self._idle.get_nowait()
+        except queue.Empty:
+            handle = LibNftables()
+        try:
+            yield handle
+        finally:
+            if self._idle.qsize() < self.MAX_IDLE:
+                self._idle.put(handle)
 
 
 class DriftRecord:
@@ -747,10 +645,6 @@ def _phase_of(comment):
     return 0
 
 
-def _peer_of(elem, entry):
-    """The peer of an autofw_peers_* element text "PEER . proto . range" of `entry`."""
-    suffix = " . " + render.autofw_range(entry)
-    return elem[:-len(suffix)] if elem.endswith(suffix) else None
 
 
 def _shape_difference(want, have):
@@ -782,21 +676,10 @@ def _bulk_allocation():
             gc.enable()
 
 
-def _range_of(key):
-    protocol, low, high = key
-    return {"protocol": protocol, "low_port": low, "high_port": high}
 
 
-def _element_remove(entry, record):
-    """Ops deleting a recipient element that may have expired meanwhile: add it
-    (same value, a no-op or a re-creation), then delete it, in one transaction."""
-    name, elem = render.autofw_recipient_element(entry, record["family"], record["peer"])
-    return [render.Op("add", "element", name, [("%s timeout 1s" % elem, record["address"])]),
-            render.Op("delete", "element", name, [elem])]
 
 
-def _key_text(key):
-    return "%s %d-%d" % key
 
 
 def _iso(wall):
@@ -806,7 +689,8 @@ def _iso(wall):
 def new_rs_ids(table, keys):
     if table in _WHOLE_TABLE_FRAGMENTS:
         return [table]
-    return list(dict.fromkeys((table, k) for k in keys))
+    fids = list(dict.fromkeys((table, k) for k in keys))
+    return fids + ["autofw_control"] if table == "autofw" else fids
 
 
 def _kernel_error(field, exc):

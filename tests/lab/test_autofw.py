@@ -160,7 +160,7 @@ def test_deleting_the_entry_drops_the_recipient(gateway, seed_lab):
         assert udp_from(seed_lab, "client", GATEWAY_EXT) == ["web1"]
         gateway.masqctl("autofw", "-D", "-r", "udp", "6970", "7170")
         assert udp_from(seed_lab, "client", GATEWAY_EXT) == [None]
-        assert "elements" not in gateway.nft("list", "map", "inet", "masqd", "autofw_recipients_v4")
+        assert "autofw_r4_" not in gateway.table() and "10.16.0.27" not in gateway.table()
 
 
 def test_detection_latency_is_milliseconds(gateway, seed_lab):
@@ -168,3 +168,84 @@ def test_detection_latency_is_milliseconds(gateway, seed_lab):
     print("autofw detection latency (s):", result)
     assert len(result["samples"]) == 3 and max(result["samples"]) < 0.5
     assert result["agent"]["count"] >= 3
+
+
+# A control connection that keeps sending: one TCP connection, a byte every 0.3 s for
+# ~2.5 timeouts, then idle (open but silent) until the end.
+KEEP_SENDING = """
+import socket, sys, time
+sock = socket.create_connection((sys.argv[1], 7070), timeout=3)
+end = time.monotonic() + float(sys.argv[2])
+while time.monotonic() < end:
+    sock.sendall(b"x")
+    time.sleep(0.3)
+print("sent", flush=True)
+time.sleep(float(sys.argv[3]))
+sock.close()
+"""
+
+SINK = """
+import socket, time
+srv = socket.socket()
+srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind(("0.0.0.0", 7070))
+srv.listen(4)
+srv.settimeout(20)
+conn, _ = srv.accept()
+conn.settimeout(20)
+end = time.monotonic() + 20
+while time.monotonic() < end and conn.recv(4096):
+    pass
+"""
+
+
+def test_a_control_connection_that_keeps_sending_keeps_its_range(gateway, seed_lab):
+    # The 2.2 code restarted the timer on every outbound control packet: the kernel
+    # does the same here (a 2 s timeout, 5 s of control traffic, then 2.5 s idle).
+    gateway.masqctl("autofw", "-A", "-r", "udp", "6970", "7170", "-c", "tcp", "7070", "-t", "2")
+    import subprocess
+    from masqd_agent import PYTHON
+    sink = seed_lab.spawn("client", [PYTHON, "-c", SINK], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    sender = None
+    try:
+        time.sleep(0.3)
+        sender = seed_lab.spawn("web1", [PYTHON, "-c", KEEP_SENDING, SERVER_1, "5", "4"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        with probes.serve_identity(seed_lab, "web1", 6970, "udp"):
+            started = time.monotonic()
+            seen = []
+            while time.monotonic() - started < 4.5:  # more than twice the timeout
+                time.sleep(0.5)
+                seen += udp_from(seed_lab, "client", GATEWAY_EXT)
+            assert seen == ["web1"] * len(seen) and len(seen) >= 7, seen
+            assert sender.stdout.readline().strip() == "sent"  # now idle, connection open
+            time.sleep(2.6)
+            assert udp_from(seed_lab, "client", GATEWAY_EXT) == [None]
+            assert listing(gateway)[0]["recipient"] is None
+    finally:
+        for proc in (sender, sink):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait(5)
+
+
+def test_recipients_keep_their_remaining_time_across_a_kill_and_restart(gateway, seed_lab):
+    gateway.masqctl("autofw", "-A", "-r", "udp", "6970", "7170", "-c", "tcp", "7070", "-t", "30")
+    with probes.serve_identity(seed_lab, "client", 7070), probes.serve_identity(seed_lab, "web1", 6970, "udp"):
+        control(seed_lab, "web1", SERVER_1)
+        before = listing(gateway)[0]
+        gateway.stop(sig=9)
+        assert udp_from(seed_lab, "client", GATEWAY_EXT) == ["web1"]  # the kernel goes on
+        gateway.start()
+        assert udp_from(seed_lab, "client", GATEWAY_EXT) == ["web1"]
+        after = listing(gateway)[0]
+        assert after["recipient"] == "10.16.0.27" and after["status"] == "active"
+        assert 20 <= after["expires"] <= before["expires"] <= 30
+        # and after somebody else deletes the table: repaired, recipient still there
+        gateway.nft("delete", "table", "inet", "masqd")
+        deadline = time.monotonic() + 2
+        while "autofw_r4_" not in (seed_lab.run("gateway", ["nft", "list", "ruleset"], timeout=10).stdout):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert udp_from(seed_lab, "client", GATEWAY_EXT) == ["web1"]
+        assert listing(gateway)[0]["recipient"] == "10.16.0.27"

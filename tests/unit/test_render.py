@@ -42,7 +42,7 @@ SCENARIOS = {
     # failover: every pref 0, the head keeps every connection until `schedule`
     "mfw_failover_pref0": tables(mfw=[{"mark": 7, "backends": [
         {"address": "10.16.0.27", "pref": 0}, {"address": "10.16.0.28", "pref": 0}]}]),
-    # ipmasqadm autofw -A -r udp 6970 7170 -h .27 ; plus one control-port entry (not rendered)
+    # ipmasqadm autofw -A -r udp 6970 7170 -h .27 ; plus one control-port entry (its maps, chain and refresh)
     "autofw_hidden_host": tables(autofw=[
         {"protocol": "udp", "low_port": 6970, "high_port": 7170, "hidden_host": "10.16.0.27"},
         {"protocol": "tcp", "low_port": 7000, "high_port": 7000, "hidden_host": "fd00::27"},

@@ -108,13 +108,18 @@ def test_control_traffic_sets_refreshes_and_expires_the_recipient(svc):
     ok(svc, op="add", table="autofw", entry=CONTROL)
     assert listed(svc)["status"] == AUTOFW_CONTROL_STATUS
     assert svc.autofw_control_seen("tcp", "10.16.0.27", "198.51.100.10", 7070) == [(("udp", 6970, 7170), "set")]
-    assert "udp . 6970-7170 : 10.16.0.27" in svc.nft.dump()
+    entry = {"protocol": "udp", "low_port": 6970, "high_port": 7170}
+    r_name, r_key = render.autofw_recipient_element(entry, 4)
+    h_name, h_key = render.autofw_holder_element(entry, 4, "10.16.0.27")
+    assert svc.nft.elements[r_name] == {r_key: "10.16.0.27"} and h_key in svc.nft.elements[h_name]
     entry = listed(svc)
     assert (entry["recipient"], entry["expires"], entry["status"]) == ("10.16.0.27", 15, "active")
     svc.test_clock.now += 10
     assert listed(svc)["expires"] == 5
-    # an update event of the recipient's connection refreshes
-    assert svc.autofw_control_seen("tcp", "10.16.0.27", "198.51.100.10", 7070, "update")[0][1] == "refreshed"
+    # update events change nothing (the kernel refreshes the holder's range per packet);
+    # a new control connection of the recipient refreshes it
+    assert svc.autofw_control_seen("tcp", "10.16.0.27", "198.51.100.10", 7070, "update") == []
+    assert svc.autofw_control_seen("tcp", "10.16.0.27", "198.51.100.10", 7070)[0][1] == "refreshed"
     assert listed(svc)["expires"] == 15
     # another port, another protocol: nothing
     assert svc.autofw_control_seen("tcp", "10.16.0.27", "198.51.100.10", 7071) == []
@@ -141,9 +146,8 @@ def test_keyed_by_peer_keeps_one_recipient_per_server(svc):
     ok(svc, op="add", table="autofw", entry=dict(CONTROL, keyed_by_peer=True))
     svc.autofw_control_seen("tcp", "10.16.0.27", "198.51.100.10", 7070)
     svc.autofw_control_seen("tcp", "10.16.0.28", "203.0.113.10", 7070)
-    dump = svc.nft.dump()
-    assert "198.51.100.10 . udp . 6970-7170 : 10.16.0.27" in dump
-    assert "203.0.113.10 . udp . 6970-7170 : 10.16.0.28" in dump
+    r_name, _key = render.autofw_recipient_element(CONTROL, 4, "")
+    assert svc.nft.elements[r_name] == {"198.51.100.10": "10.16.0.27", "203.0.113.10": "10.16.0.28"}
     entry = listed(svc)
     assert entry["recipient"] is None
     assert [(r["peer"], r["address"]) for r in entry["recipients"]] == [

@@ -126,7 +126,7 @@ def plot_lines(name, series, xlabel, ylabel, title, logx=False, logy=False):
 
 def targets_section(docs):
     rows, misses = [], []
-    for bench in ("dataplane", "scale", "control", "ansible", "failover", "fleet_lab"):
+    for bench in ("dataplane", "scale", "control", "ansible", "failover", "drift", "fleet_lab"):
         doc = docs.get(bench)
         if not doc:
             continue
@@ -278,6 +278,18 @@ def failover_section(doc):
                if not s.get("autofw_detection") else "%s\n\n" % json.dumps(s["autofw_detection"])))
 
 
+def drift_section(doc):
+    s = doc["summary"]
+    rows = [(size, f(r["forwarding_back_ms"], "%.0f"), f(r["failed_probes"], "%.0f"),
+             f(r["agent_detected_to_repaired_ms"], "%.0f"), f(r["flush_command_ms"], "%.0f"))
+            for size, r in sorted(s.items(), key=lambda item: int(item[0]))]
+    return ("## 7. Drift repair (`nft flush ruleset` by another program)\n\n%s\n\n" % _method(doc)
+            + table(["PORTFW keys", "flush → forwarding back, ms", "failed probes (5 ms apart)",
+                     "agent: transaction end → repaired, ms", "the flush command itself, ms"], rows)
+            + "\nThe repair is one full re-sync: its cost grows with the table (the kernel's own load "
+              "of the same table is the floor, see the control-plane section).\n\n")
+
+
 def fleet_lab_section(doc):
     s, m, rows = doc["summary"], doc["method"], doc["gateways"]
     n = m["gateways"]
@@ -341,7 +353,7 @@ def main():
         parts.append(targets_section(docs))
         for name, fn in (("dataplane", dataplane_section), ("scale", scale_section), ("control", control_section),
                          ("ansible", ansible_section), ("failover", failover_section),
-                         ("fleet_lab", fleet_lab_section)):
+                         ("drift", drift_section), ("fleet_lab", fleet_lab_section)):
             if name in docs:
                 parts.append(fn(docs[name]))
             else:

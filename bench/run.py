@@ -1,6 +1,6 @@
 """Runs the benchmark suite, writes bench/results/<name>.json, regenerates REPORT.md.
 
-    python -m bench.run [--quick] [--only dataplane,scale,control,ansible,failover] [--report]
+    python -m bench.run [--quick] [--only dataplane,scale,control,ansible,failover,drift] [--report]
 
 (scripts/bench.sh installs the tools first and calls this.)
 """
@@ -12,13 +12,13 @@ import traceback
 
 from bench import common
 
-BENCHMARKS = ("dataplane", "scale", "control", "ansible", "failover", "fleet_lab")
+BENCHMARKS = ("dataplane", "scale", "control", "ansible", "failover", "drift", "fleet_lab")
 
 
 def _module(name):
-    from bench import ansible_bench, control, dataplane, failover, fleet_lab, scale
+    from bench import ansible_bench, control, dataplane, drift, failover, fleet_lab, scale
     return {"dataplane": dataplane, "scale": scale, "control": control,
-            "ansible": ansible_bench, "failover": failover, "fleet_lab": fleet_lab}[name]
+            "ansible": ansible_bench, "failover": failover, "drift": drift, "fleet_lab": fleet_lab}[name]
 
 
 def main(argv=None):

@@ -52,6 +52,7 @@ class Service:
         self.clock = time.monotonic
         self.drift = DriftRecord()
         self._readers = _Readers(lambda: self.nft)  # kernel handles for reads off the lock
+        self._seen_timed = None  # (clock, KernelTable.timed) of the last verification
 
     @property
     def watcher(self):
@@ -95,19 +96,41 @@ class Service:
         continuing what the kernel had (`kernel`, a KernelTable read just before, or None
         when the table is gone): the position of every PORTFW/mfw schedule (from its
         rules' counters and phase comment, or from `deleted_rules` {chain: [(packets,
-        comment)]} when someone else deleted them) and the AUTOFW recipients with their
-        remaining time (from the kernel, else from the agent's own records)."""
+        comment)]} when someone else deleted them), the AUTOFW recipients with their
+        remaining time (from the kernel, else from the agent's own records) and the
+        address-pool bindings (from the kernel, else from the last verification's reading)."""
         previous = self._ruleset
         phases = self._carried_phases(kernel, deleted_rules or {})
         ruleset = render.render(self._tables, self._mfw_heads, phases)
         txn = render.full_sync(ruleset)
         carried = self.autofw.carried(self._tables["autofw"], kernel)
-        txn.ops += carried
+        bindings = self._carried_pool_bindings(ruleset, kernel)
+        txn.ops += carried + bindings
         self.nft.apply(txn)
         self._ruleset = ruleset
         if previous is not None:
-            log.info("full re-sync: %d schedules continued, %d AUTOFW recipients kept",
-                     len(phases), len(carried) // 2)
+            log.info("full re-sync: %d schedules continued, %d AUTOFW recipients and %d pool bindings kept",
+                     len(phases), len(carried) // 2, len(bindings))
+
+    def _carried_pool_bindings(self, ruleset, kernel):
+        """Ops re-creating the pool maps' host <-> address elements (render._pool_rules),
+        so an inside host keeps its pool address over a restart or a repair."""
+        if kernel is not None:
+            timed, age = kernel.timed, 0
+        elif self._seen_timed is not None:  # the table is gone: what the last reading saw
+            seen_at, timed = self._seen_timed
+            age = int(self.clock() - seen_at)
+        else:
+            return []
+        ops = []
+        masquerade = ruleset.fragments.get("masquerade", render.EMPTY)
+        for name in sorted(n for n in masquerade.maps if n.startswith("pool_")):
+            for key, (value, timeout, expires) in sorted(timed.get(name, {}).items()):
+                left = (expires or 0) - age
+                if value and left > 0:
+                    ops.append(render.Op("add", "element", name, [
+                        ("%s timeout %ds expires %ds" % (key, timeout or render.POOL_HOLD, left), value)]))
+        return ops
 
     def _cascades(self):
         """(fid, chain name, backends in schedule order) of every multi-backend schedule."""
@@ -164,6 +187,8 @@ class Service:
         want = shape_of(*ruleset.objects())
         with self._readers.borrow() as reader:
             kernel = reader.read_table()
+        if kernel is not None:
+            self._seen_timed = (self.clock(), kernel.timed)
         if kernel is not None and kernel.shape == want:
             return
         with self._lock, _bulk_allocation():

@@ -263,3 +263,26 @@ def test_modules_configure_pool_helpers_and_keyed_autofw(gateway, seed_lab):
         assert static(gateway.table()) == before
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def seen_as(lab, host, count=2):
+    with probes.serve_identity(lab, "client", 80):
+        answers = probes.connect_many(lab, host, "198.51.100.10", 80, count=count)
+    assert all(a.ok for a in answers), [a.error for a in answers]
+    return {a.seen_source_address for a in answers}
+
+
+def test_hosts_keep_their_pool_address_across_a_kill_and_restart(gateway, seed_lab):
+    add_pool_addresses(seed_lab)
+    gateway.masqctl("masq", "-A", "-s", "10.16.0.0/24", "--pool", ",".join(POOL), "--pool-ports", "5000",
+                    "-j", "MASQ")
+    held = {host: seen_as(seed_lab, host) for host in ("web1", "web2")}
+    assert held["web1"] != held["web2"] and all(len(v) == 1 for v in held.values()), held
+    gateway.stop(sig=9)
+    gateway.start()
+    # web2 first this time: a fresh round robin would give it web1's address
+    assert seen_as(seed_lab, "web2") == held["web2"]
+    assert seen_as(seed_lab, "web1") == held["web1"]
+    with probes.serve_identity(seed_lab, "web2", 5000):
+        (address,) = held["web2"]
+        assert [a.backend for a in probes.connect_many(seed_lab, "client", address, 5000, count=2)] == ["web2"] * 2

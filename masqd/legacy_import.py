@@ -402,9 +402,13 @@ def _ipchains_argv(args):
 
 
 def translate(text: str, skip_unknown: bool = False, lookup=None, variables=None) -> Result:
-    """The tables `text` (a shell script) leaves behind. Raises TranslateError for the
-    first line it cannot translate, unless `skip_unknown` (then the line is recorded
-    in Result.skipped and the rest carries on)."""
+    """The tables `text` (a shell script, or iptables-save output: masqd/iptables_save.py)
+    leaves behind. Raises TranslateError for the first line it cannot translate, unless
+    `skip_unknown` (then the line is recorded in Result.skipped and the rest carries on)."""
+    from . import iptables_save  # the second source; it builds on this module
+
+    if iptables_save.looks_like(text):
+        return iptables_save.translate(text, skip_unknown=skip_unknown, lookup=lookup)
     result = Result()
     tables = Tables(result)
     variables = dict(variables or {})

@@ -1,0 +1,1 @@
+../../masqd/iptables_save.py

@@ -45,7 +45,7 @@ def looks_like(text: str) -> bool:
 class _Rule:
     """One `-A CHAIN ...` line, read into its parts."""
 
-    def __init__(self, words: list):
+    def __init__(self, words: list = None):
         self.chain = None
         self.target = None
         self.target_options = {}
@@ -54,7 +54,8 @@ class _Rule:
         self.mark = None
         self.statistic = {}
         self.comment = None
-        self._read(words)
+        if words is not None:
+            self._read(words)
 
     def _read(self, words):
         index, negate = 0, False
@@ -173,18 +174,12 @@ def _rule_argv(table: str, rule: _Rule):
 
 
 def translate(text: str, skip_unknown: bool = False, lookup=None) -> legacy_import.Result:
-    result = legacy_import.Result()
-    tables = legacy_import.Tables(result)
+    return translate_rules(_saved_rules(text), skip_unknown, lookup)
+
+
+def _saved_rules(text):
+    """(source, table, _Rule or the ValueError why not) of each rule line."""
     table = None
-    marks = []           # mangle MARK rules, applied last and in reverse (last match wins)
-    round_robin = {}     # portfw key -> [(every, line number)] of the nth idiom
-    pending = []         # (argv, source) in order, marks aside
-
-    def refuse(number, line, reason):
-        if not skip_unknown:
-            raise legacy_import.TranslateError(number, line, reason)
-        result.skipped.append((number, line, reason))
-
     for number, line in legacy_import.logical_lines(text):
         if not line or line.startswith("#") or line == "COMMIT" or line.startswith(":"):
             continue  # comments, the end of a table, chain policies and counters
@@ -192,29 +187,70 @@ def translate(text: str, skip_unknown: bool = False, lookup=None) -> legacy_impo
             table = line[1:].strip()
             continue
         try:
-            rule = _Rule(legacy_import.split(line, {}))
+            yield (number, line), table, _Rule(legacy_import.split(line, {}))
+        except ValueError as exc:
+            yield (number, line), table, exc
+
+
+def translate_rules(rules, skip_unknown: bool = False, lookup=None) -> legacy_import.Result:
+    """The tables `rules` ((source, table, _Rule or ValueError), in rule order) build.
+    Shared by the iptables-save and the nft ruleset readers."""
+    result = legacy_import.Result()
+    tables = legacy_import.Tables(result)
+    marks = []           # mangle MARK rules, applied last and in reverse (last match wins)
+    round_robin = {}     # portfw key -> [(every, source)] of the nth idiom
+    pending = []         # (argv, source) in order, marks aside
+
+    def refuse(source, reason):
+        if not skip_unknown:
+            raise legacy_import.TranslateError(source[0], source[1], reason)
+        result.skipped.append((source[0], source[1], reason))
+
+    for source, table, rule in rules:
+        try:
+            if isinstance(rule, ValueError):
+                raise rule
             if table not in ("nat", "mangle"):
                 raise ValueError("*%s: only the nat and mangle tables have masqd equivalents" % table)
-            argv, key = _rule_argv(table, rule)
-            if key is not None:
-                argv = _round_robin(round_robin, key, rule, argv, (number, line))
-            (marks if argv[0] == "mark" else pending).append((argv, (number, line)))
+            argvs = _rule_argvs(table, rule)
+            if len(argvs) > 1:  # nft's `dnat to numgen inc mod N map {...}`: one rule, N backends
+                key = argvs[0][1]
+                if key is not None and round_robin.get(key):
+                    raise ValueError("a second DNAT for %s %s:%s is never reached" % key)
+                round_robin[key] = [(None, source)]
+                argvs = [(argv + ["-p", "1"], None) for argv, _key in argvs]
+            for argv, key in argvs:
+                if key is not None:
+                    argv = _round_robin(round_robin, key, rule, argv, source)
+                (marks if argv[0] == "mark" else pending).append((argv, source))
         except ValueError as exc:
-            refuse(number, line, str(exc))
+            refuse(source, str(exc))
     for key, shares in round_robin.items():
         if shares and shares[-1][0] is not None:
-            number, line = shares[-1][1]
-            refuse(number, line, "the round-robin rules of %s %s:%s end without a rule that takes the rest"
-                   % key)
+            refuse(shares[-1][1], "the round-robin rules of %s %s:%s end without a rule that takes the rest" % key)
     for argv, source in pending + list(reversed(marks)):
         try:
             command = ipmasqadm.parse(argv, lookup)
             tables.apply(command.request, source)
         except ipmasqadm.UsageError as exc:
-            refuse(source[0], source[1], "%s: %s" % (exc.module, exc.message))
+            refuse(source, "%s: %s" % (exc.module, exc.message))
         except ValueError as exc:
-            refuse(source[0], source[1], str(exc))
+            refuse(source, str(exc))
     return result
+
+
+def _rule_argvs(table, rule):
+    """[(argv, key)]: one per DNAT target (nft's numgen map has several)."""
+    targets = rule.option("--to-destination")
+    if not isinstance(targets, list):
+        return [_rule_argv(table, rule)]
+    out = []
+    for target in targets:
+        single = _Rule()
+        single.__dict__.update(rule.__dict__)
+        single.target_options = {"--to-destination": target}
+        out.append(_rule_argv(table, single))
+    return out
 
 
 def _round_robin(state, key, rule, argv, source):

@@ -159,7 +159,9 @@ class Tables:
         return list(self._table(table).values())
 
     def _note(self, table, key, source):
-        self.result.sources[table].setdefault(key, []).append(source)
+        sources = self.result.sources[table].setdefault(key, [])
+        if not sources or sources[-1] != source:  # one line may add several backends
+            sources.append(source)
 
     def apply(self, request: dict, source) -> None:
         op, table = request["op"], request.get("table")
@@ -402,13 +404,14 @@ def _ipchains_argv(args):
 
 
 def translate(text: str, skip_unknown: bool = False, lookup=None, variables=None) -> Result:
-    """The tables `text` (a shell script, or iptables-save output: masqd/iptables_save.py)
-    leaves behind. Raises TranslateError for the first line it cannot translate, unless
+    """The tables `text` (a shell script; iptables-save output, masqd/iptables_save.py;
+    `nft list ruleset` output, masqd/nft_ruleset.py) leaves behind. Raises TranslateError for the first line it cannot translate, unless
     `skip_unknown` (then the line is recorded in Result.skipped and the rest carries on)."""
-    from . import iptables_save  # the second source; it builds on this module
+    from . import iptables_save, nft_ruleset  # the other sources; they build on this module
 
-    if iptables_save.looks_like(text):
-        return iptables_save.translate(text, skip_unknown=skip_unknown, lookup=lookup)
+    for source in (iptables_save, nft_ruleset):
+        if source.looks_like(text):
+            return source.translate(text, skip_unknown=skip_unknown, lookup=lookup)
     result = Result()
     tables = Tables(result)
     variables = dict(variables or {})

@@ -609,3 +609,89 @@ def test_iptables_save_skip_unknown_and_parsed_reads_it_too():
     result = translate(text, skip_unknown=True)
     assert [number for number, _line, _reason in result.skipped] == [3]
     assert [e["mark"] for e in result.entries("mfw")] == [3, 1]
+
+
+# -- the third source: nft list ruleset ------------------------------------------------
+
+# `nft list ruleset` of a hand-written nftables gateway (the same intent as IPTABLES_SAVE),
+# printed by nft itself, plus masqd's own table (skipped) and a filter table without rules.
+NFT_RULESET = """\
+table ip nat {
+	chain prerouting {
+		type nat hook prerouting priority dstnat; policy accept;
+		ip daddr 198.51.100.1 tcp dport 80 counter packets 0 bytes 0 dnat to numgen inc mod 2 map { 0 : 10.16.0.27, 1 : 10.16.0.28 }
+		ip daddr 198.51.100.1 udp dport 53 dnat to 10.16.0.53
+		ip daddr 198.51.100.1 tcp dport 8080 dnat to 10.16.0.27:80
+		meta mark 0x00000003 dnat to 10.16.0.46
+	}
+
+	chain postrouting {
+		type nat hook postrouting priority srcnat; policy accept;
+		ip saddr 10.16.0.0/24 oifname "eth0" masquerade comment "inside-out"
+		ip saddr 10.16.0.3 ip daddr 203.0.113.0/24 tcp dport { 80, 443 } masquerade
+	}
+}
+table ip mangle {
+	chain prerouting {
+		type filter hook prerouting priority mangle; policy accept;
+		ip saddr 203.0.113.0/24 meta mark set 0x00000001
+		ip saddr != 203.0.113.0/24 meta mark set 0x00000003
+		iifname "eth2" tcp dport 1024-65535 meta mark set 0x00000005
+	}
+}
+table inet masqd {
+	chain prerouting {
+		type nat hook prerouting priority dstnat; policy accept;
+		ip daddr 198.51.100.9 tcp dport 9 dnat to 10.16.0.9
+	}
+}
+table inet filter {
+	set friends {
+		type ipv4_addr
+		elements = { 203.0.113.1, 203.0.113.2 }
+	}
+	chain forward {
+		type filter hook forward priority filter; policy accept;
+	}
+}
+"""
+
+
+def test_nft_ruleset_maps_by_hook_and_skips_masqds_own_table():
+    data = yaml.safe_load(document(NFT_RULESET))
+    assert data["gateway_portfw"][0] == {
+        "protocol": "tcp", "local_address": "198.51.100.1", "local_port": 80,
+        "backends": [{"address": "10.16.0.27", "port": 80, "pref": 1}, {"address": "10.16.0.28", "port": 80, "pref": 1}]}
+    assert data["gateway_portfw"][2]["backends"] == [{"address": "10.16.0.27", "port": 80, "pref": 10}]
+    assert "198.51.100.9" not in document(NFT_RULESET)
+    assert data["gateway_mfw"] == [{"mark": 3, "backends": [{"address": "10.16.0.46", "pref": 10}]}]
+    # meta mark set is not terminal: last match wins, imported reversed; the seed's
+    # classifiers get the same names as from ipchains and iptables-save
+    assert data["gateway_marks"][1:] == yaml.safe_load(document(SEED_FWMARK))["gateway_marks"]
+    assert data["gateway_marks"][0]["destination_ports"] == ["1024-65535"]
+    assert data["gateway_masquerade"][0]["name"] == "inside-out"
+    assert data["gateway_masquerade"][1]["destination_ports"] == [80, 443]
+    # one comment per source line, even when a line adds several backends
+    assert document(NFT_RULESET).count("# line 4: ") == 1
+
+
+@pytest.mark.parametrize("rule, reason", [
+    ("ip daddr 198.51.100.1 tcp dport 80 accept", "accept: no masqd equivalent"),
+    ("ip saddr @friends dnat to 10.16.0.27", "named sets"),
+    ("ct state new dnat to 10.16.0.27", "ct: no masqd equivalent"),
+    ("ip daddr 198.51.100.1 tcp dport != 80 dnat to 10.16.0.27", "only addresses can be inverted"),
+    ("ip daddr 198.51.100.1 tcp dport 80 dnat to numgen inc mod 3 map { 0 : 10.16.0.27, 1 : 10.16.0.28 }",
+     "exactly the keys 0..2"),
+])
+def test_nft_rules_without_equivalent_exit_2(rule, reason):
+    text = ("table ip nat {\n\tchain prerouting {\n\t\ttype nat hook prerouting priority dstnat; policy accept;\n"
+            "\t\t%s\n\t}\n}\n" % rule)
+    status, out, err = run_import(text)
+    assert status == 2 and out == ""
+    assert err.startswith("masqctl import: <stdin>:4: ") and reason in err, err
+
+
+def test_nft_rule_in_a_regular_chain_is_refused():
+    text = "table ip nat {\n\tchain web {\n\t\tip daddr 198.51.100.1 tcp dport 80 dnat to 10.16.0.27\n\t}\n}\n"
+    status, _out, err = run_import(text)
+    assert status == 2 and "<stdin>:3: a rule in a regular chain" in err

@@ -1,0 +1,1 @@
+../../masqd/nft_ruleset.py

@@ -359,3 +359,76 @@ def test_export_script_rebuilds_the_table_and_imports_to_the_export(seed_lab, wo
     assert_same_table(by_hand, rebuilt)
     reimported = by_hand.masqctl("import", export_path).stdout
     assert without_comments(reimported) == without_comments(exported)
+
+
+# An nftables gateway written by hand: web load-balanced round robin, and the seed's
+# FWMARK policy on port 8080 (mark rules in the order nft needs: the last match wins).
+FOREIGN_RULESET = """\
+table ip nat {
+\tchain prerouting {
+\t\ttype nat hook prerouting priority dstnat; policy accept;
+\t\tip daddr 198.51.100.1 tcp dport 80 dnat to numgen inc mod 2 map { 0 : 10.16.0.27, 1 : 10.16.0.28 }
+\t\tmeta mark 0x1 dnat to 10.16.0.3
+\t\tmeta mark 0x3 dnat to 10.16.0.46
+\t}
+}
+table ip mangle {
+\tchain prerouting {
+\t\ttype filter hook prerouting priority mangle; policy accept;
+\t\ttcp dport 8080 meta mark set 3
+\t\tip saddr 203.0.113.0/24 tcp dport 8080 meta mark set 1
+\t}
+}
+"""
+
+
+def probe_all(lab):
+    from ipmasq_lab import probes
+
+    servers = [probes.serve_identity(lab, "web1", 80), probes.serve_identity(lab, "web2", 80),
+               probes.serve_identity(lab, "friendsrv", 8080), probes.serve_identity(lab, "neutralsrv", 8080)]
+    try:
+        runs = {"client:80": probes.connect_many(lab, "client", "198.51.100.1", 80, count=6),
+                "client:8080": probes.connect_many(lab, "client", "198.51.100.1", 8080, count=3),
+                "friend:8080": probes.connect_many(lab, "friend", "203.0.113.1", 8080, count=3)}
+    finally:
+        for server in servers:
+            server.stop()
+    for name, answers in runs.items():
+        assert all(a.ok for a in answers), (name, [a.error for a in answers if not a.ok])
+    return {name: [a.backend for a in answers] for name, answers in runs.items()}
+
+
+def test_nft_ruleset_import_forwards_the_same_connections(seed_lab, workdir):
+    """Real packets: the hand-written ruleset, then masqd with its import, send the
+    same connections to the same backends, in the same order."""
+    from masqd.client import Client
+
+    path = os.path.join(workdir, "foreign.nft")
+    with open(path, "w") as handle:
+        handle.write(FOREIGN_RULESET)
+    seed_lab.run("gateway", ["nft", "-f", path], timeout=10, check=True)
+    by_nft = probe_all(seed_lab)
+    assert by_nft == {"client:80": ["web1", "web2"] * 3, "client:8080": ["neutralsrv"] * 3,
+                      "friend:8080": ["friendsrv"] * 3}
+    listed = seed_lab.run("gateway", ["nft", "list", "ruleset"], timeout=10, check=True).stdout
+    listed_path = os.path.join(workdir, "listed.nft")
+    with open(listed_path, "w") as handle:
+        handle.write(listed)
+    imported = seed_lab.run("gateway", [PYTHON, "-m", "masqd.masqctl", "import", listed_path], timeout=20)
+    assert imported.returncode == 0, imported.stderr
+    variables = yaml.safe_load(imported.stdout)
+    for table in ("nat", "mangle"):
+        seed_lab.run("gateway", ["nft", "delete", "table", "ip", table], timeout=10, check=True)
+
+    agent = Agent(seed_lab, os.path.join(workdir, "agent"))
+    agent.start()
+    try:
+        with Client(agent.socket) as client:
+            for variable, entries in variables.items():
+                table = {"gateway_portfw": "portfw", "gateway_mfw": "mfw", "gateway_marks": "marks"}[variable]
+                client.request("set", table=table, entries=entries)
+        by_masqd = probe_all(seed_lab)
+    finally:
+        agent.stop()
+    assert by_masqd == by_nft

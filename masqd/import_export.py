@@ -23,7 +23,8 @@ import   reads a shell script of ipmasqadm portfw|autofw|mfw and ipchains lines
          NAME=value / $NAME / ${NAME} variables allowed) and prints the gateway role's
          table variables (gateway_portfw, gateway_autofw, gateway_mfw, gateway_marks,
          gateway_masquerade) as YAML, each entry commented with its source lines.
-         Only the tables the script names are written. Host and service names are
+         iptables-save and `nft list ruleset` output are read too (DNAT, MASQUERADE
+         and MARK rules). Only the tables the input names are written. Host and service names are
          resolved as masqctl resolves them. A line it cannot translate: exit 2 with the
          line number and why; --skip-unknown comments such lines out instead.
 export   prints the running agent's tables as the same YAML; with --script, as

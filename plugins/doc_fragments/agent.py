@@ -64,7 +64,7 @@ options:
         C(ipchains ... -j MASQ) (masquerade) lines, comments, blank lines and shell
         variables (C(NAME=value), C($NAME), C(${NAME})); the same text C(masqctl import)
         reads; C(iptables-save) and C(nft list ruleset) output are read too. Lines for
-        other tables are read (they may define the order) but not returned.
+        other tables are read but not returned.
       - A line that cannot be translated fails the task with its line number and why.
     type: str
 attributes:

@@ -161,3 +161,15 @@ def test_format_1_state_is_upgraded(seed_lab, tmp_path):
         assert ports(agent) == [80, 81, 82, 83]
     finally:
         agent.stop()
+
+
+def test_salvage_refuses_to_run_under_a_live_agent(agent):
+    agent.start()
+    files = agent.state_bytes()
+    result = agent.lab.run(agent.host, [PYTHON, "-m", "masqd.daemon", "--state-dir", agent.state_dir,
+                                        "--salvage-state"], timeout=30)
+    assert result.returncode == 1, result.stderr
+    assert "cannot salvage: state dir %s is in use by another masqd (pid %d" % (agent.state_dir, agent.proc.pid) \
+        in result.stderr, result.stderr
+    assert agent.state_bytes() == files
+    assert ports(agent) == [80, 81, 82, 83]

@@ -8,6 +8,8 @@
     ipmasq-lab exec PREFIX HOST -- CMD...      run CMD inside HOST's namespace
     ipmasq-lab validate SPEC                   check a spec, build nothing
     ipmasq-lab demo                            seed lab + pings, then teardown
+    ipmasq-lab ssh PREFIX HOST [-- CMD...]     SSH to a booted host (kind: debian)
+    ipmasq-lab roots [RELEASE...]              build the cached Debian roots
 
 Exit status: 0 done, 1 a lab operation failed, 2 a refused spec or bad usage.
 """
@@ -19,7 +21,7 @@ import signal
 import subprocess
 import sys
 
-from ipmasq_lab import demo, nsexec, registry, topology
+from ipmasq_lab import booted_host, booted_roots, demo, nsexec, registry, topology
 from ipmasq_lab import spec as spec_mod
 from ipmasq_lab.errors import LabError, LabSpecError
 from ipmasq_lab.lab import Lab, teardown_on_signals
@@ -33,6 +35,11 @@ def _print_lab(lab, as_json):
     width = max(len(h) for h in lab.hosts)
     for host in lab.hosts:
         print("  %-*s  %s" % (width, host, lab.netns(host)))
+    for host in booted_host.booted_hosts(lab.spec):
+        info = lab.booted(host).describe()
+        print("  %s: Debian %s, ssh root@%s from %s (ipmasq-lab ssh %s %s)"
+              % (host, info["release"], info["ssh"]["address"], info["ssh"]["controller"],
+                 lab.prefix, host))
 
 
 def cmd_up(args):
@@ -144,6 +151,33 @@ def cmd_validate(args):
     return 0
 
 
+def cmd_ssh(args):
+    argv = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
+    host = Lab.attach(registry.check_prefix(args.prefix)).booted(args.host)
+    ssh = host.ssh_argv(" ".join(argv))
+    if not argv:  # an interactive login
+        ssh = [ssh[0], "-t"] + ssh[1:-1]
+    fd = os.open(nsexec.netns_path(host.controller_netns), os.O_RDONLY | os.O_CLOEXEC)
+
+    def join():  # stay in the terminal's process group, as cmd_exec does
+        if nsexec._libc.setns(fd, nsexec.CLONE_NEWNET) != 0:
+            raise OSError("setns %s failed" % host.controller_netns)
+
+    try:
+        proc = subprocess.Popen(ssh, preexec_fn=join)
+    finally:
+        os.close(fd)
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        return proc.wait()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def cmd_roots(args):
+    return booted_roots.main(args.releases)
+
+
 def cmd_demo(args):
     return demo.run()
 
@@ -181,6 +215,14 @@ def parser():
     val.set_defaults(func=cmd_validate)
     dm = sub.add_parser("demo", help="seed lab, pings with forwarding on and off, teardown")
     dm.set_defaults(func=cmd_demo)
+    sh = sub.add_parser("ssh", help="SSH to a booted host (kind: debian) of a lab")
+    sh.add_argument("prefix")
+    sh.add_argument("host")
+    sh.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD")
+    sh.set_defaults(func=cmd_ssh)
+    rt = sub.add_parser("roots", help="build (or refresh) the cached Debian roots")
+    rt.add_argument("releases", nargs="*", metavar="RELEASE")
+    rt.set_defaults(func=cmd_roots)
     return p
 
 

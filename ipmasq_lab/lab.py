@@ -14,7 +14,7 @@ import os
 import signal
 import threading
 
-from ipmasq_lab import nsexec, registry, topology
+from ipmasq_lab import booted_host, booted_roots, nsexec, registry, topology
 from ipmasq_lab import spec as spec_mod
 from ipmasq_lab.errors import LabError, LabSpecError
 
@@ -98,6 +98,7 @@ class Lab:
         self._owned = False  # True once this object has reserved (or attached) the prefix
         self._owner_pid = os.getpid()
         self._signal_guard = None
+        self._booted = {}  # host -> BootedHost, for hosts of kind: debian
 
     @classmethod
     def attach(cls, prefix):
@@ -118,6 +119,7 @@ class Lab:
         lab._owned = True
         lab._owner_pid = os.getpid()
         lab._signal_guard = None
+        lab._booted = {}
         return lab
 
     # -- naming ---------------------------------------------------------------------
@@ -158,8 +160,24 @@ class Lab:
         """{ifname: ["addr/len", ...]} as the kernel has them now (read with pyroute2)."""
         return topology.read_addresses(self.netns(host))
 
+    def booted(self, host):
+        """The BootedHost of a `kind: debian` host (SSH, reboot, Ansible variables)."""
+        self.netns(host)
+        if self.spec["hosts"][host].get("kind") != "debian":
+            raise LabError("host %s is a plain namespace, not a booted host" % host)
+        if host not in self._booted:
+            self._booted[host] = booted_host.BootedHost(self.prefix, host, self.spec,
+                                                        self._names)
+        return self._booted[host]
+
     def describe(self):
         """Plain data about the lab: prefix, namespaces, hosts with namespace and addresses."""
+        info = self._describe()
+        for host in booted_host.booted_hosts(self.spec):
+            info["hosts"][host].update(self.booted(host).describe())
+        return info
+
+    def _describe(self):
         return {
             "prefix": self.prefix,
             "name": self.spec["name"],
@@ -225,6 +243,8 @@ class Lab:
         if self._owned:
             raise LabError("lab %s is already up (or was torn down: make a new Lab)"
                            % self.prefix)
+        if booted_host.booted_hosts(self.spec):
+            booted_roots.require_tools()
         missing = topology.missing_sysctls(self.spec)
         if missing:
             host, name = missing[0]
@@ -234,12 +254,19 @@ class Lab:
         self._owner_pid = os.getpid()
         try:
             topology.build(self.spec, self._names)
+            self._booted = booted_host.start_all(self.prefix, self.spec, self._names,
+                                                 self._record_booted)
             registry.update(self.prefix, state="up")
         except BaseException:
             if os.getpid() == self._owner_pid:  # never in a forked child
                 self.down()
             raise
         return self
+
+    def _record_booted(self, host, record):
+        booted = dict((registry.read(self.prefix) or {}).get("booted") or {})
+        booted[host] = record
+        registry.update(self.prefix, booted=booted)
 
     def down(self):
         """Kill the lab's processes, delete its namespaces, forget it. Idempotent."""
@@ -251,7 +278,9 @@ class Lab:
                 self.namespaces + getattr(self, "_recorded_namespaces", [])
                 + record.get("namespaces", [])))
             pids = set(self._pids) | set(record.get("pids", []))
+            booted_host.stop_all(record.get("booted"))  # before their processes are killed
             topology.stop_processes(namespaces, pids, self._procs)
+            booted_host.remove_copies(record.get("booted"))
             topology.remove_namespaces(namespaces)
             registry.remove(self.prefix)
             self._procs = []

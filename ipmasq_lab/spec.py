@@ -20,6 +20,7 @@ import re
 
 import yaml
 
+from .booted_spec import BOOTED_KEYS, validate_kinds
 from ipmasq_lab.errors import LabSpecError
 
 TOPOLOGIES_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "topologies")
@@ -44,7 +45,7 @@ SWITCH_HOST = "switch"
 PER_INTERFACE_SYSCTLS = ("net.ipv4.conf.", "net.ipv6.conf.", "net.ipv4.neigh.", "net.ipv6.neigh.")
 
 TOP_KEYS = ("name", "description", "hosts", "links", "bridges")
-HOST_KEYS = ("interfaces", "routes", "sysctls")
+HOST_KEYS = ("interfaces", "routes", "sysctls") + BOOTED_KEYS  # kind: docs/hosts.md
 INTERFACE_KEYS = ("addresses",)
 ROUTE_KEYS = ("to", "via", "dev", "family")
 
@@ -390,6 +391,7 @@ def validate(raw):
                                    % (host, ifname))
 
     segment_of = _segments(links, bridges)
+    validate_kinds(raw_hosts, hosts, segment_of)
     for host, h in hosts.items():
         rhost = h.pop("raw")
         rpath = "hosts.%s.routes" % host

@@ -6,7 +6,7 @@ set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 cd "$repo"
 
-debs=(nftables libnftables1 iproute2 conntrack socat iperf3 iputils-ping procps python3 python3-venv)
+debs=(nftables libnftables1 iproute2 conntrack socat iperf3 iputils-ping procps python3 python3-venv systemd-container debootstrap openssh-client)
 missing=()
 for pkg in "${debs[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed' || missing+=("$pkg")

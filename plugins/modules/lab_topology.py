@@ -21,6 +21,10 @@ description:
   - Runs where the lab lives (usually C(localhost)), as root, with an interpreter that
     can import C(ipmasq_lab) and pyroute2.
   - The same labs can be handled with the C(ipmasq-lab) CLI (C(ipmasq-lab list),
+  - A host of C(kind: debian) is a Debian system booted with systemd in its namespace
+    (C(docs/hosts.md)); RV(hosts) then gives its SSH address, the lab's key and the
+    inventory variables that reach it (C(ansible)). The lab counts as up only while
+    every booted host runs.
     C(ipmasq-lab down PREFIX)) and from Python (C(ipmasq_lab.Lab.attach(prefix))).
 author: ipmasq.gateway developers (@ipmasq)
 options:
@@ -109,6 +113,16 @@ hosts:
       netns: mlci01-client
       interfaces:
         eth0: [198.51.100.10/24, 2001:db8:100::10/64]
+    gw:
+      netns: mlci01-gw
+      interfaces: {eth0: [10.9.0.2/24]}
+      kind: debian
+      release: bookworm
+      machine: mlci01-gw
+      ssh: {address: 10.9.0.2, user: root, key: /run/ipmasq-lab/mlci01/ssh/id_ed25519,
+            controller: controller, controller_netns: mlci01-controller,
+            proxy_command: "ip netns exec mlci01-controller socat STDIO TCP:%h:%p"}
+      ansible: {ansible_connection: ssh, ansible_host: 10.9.0.2, ansible_user: root}
 """
 
 import traceback
@@ -116,7 +130,7 @@ import traceback
 from ansible.module_utils.basic import AnsibleModule, missing_required_lib
 
 try:
-    from ipmasq_lab import registry, topology
+    from ipmasq_lab import booted_host, registry, topology
     from ipmasq_lab.errors import LabError, LabSpecError
     from ipmasq_lab.lab import Lab
     from ipmasq_lab.spec import load_and_validate
@@ -139,7 +153,8 @@ def _result(lab, changed):
 def _is_intact(record, spec):
     """A recorded lab that is fully up with exactly `spec`."""
     return (record.get("state") == "up" and record.get("spec") == spec
-            and all(topology.exists(ns) for ns in record.get("namespaces", [])))
+            and all(topology.exists(ns) for ns in record.get("namespaces", []))
+            and booted_host.all_running(record))
 
 
 def ensure_present(module, spec_source, prefix):

@@ -617,42 +617,42 @@ def test_iptables_save_skip_unknown_and_parsed_reads_it_too():
 # printed by nft itself, plus masqd's own table (skipped) and a filter table without rules.
 NFT_RULESET = """\
 table ip nat {
-	chain prerouting {
-		type nat hook prerouting priority dstnat; policy accept;
-		ip daddr 198.51.100.1 tcp dport 80 counter packets 0 bytes 0 dnat to numgen inc mod 2 map { 0 : 10.16.0.27, 1 : 10.16.0.28 }
-		ip daddr 198.51.100.1 udp dport 53 dnat to 10.16.0.53
-		ip daddr 198.51.100.1 tcp dport 8080 dnat to 10.16.0.27:80
-		meta mark 0x00000003 dnat to 10.16.0.46
-	}
+\tchain prerouting {
+\t\ttype nat hook prerouting priority dstnat; policy accept;
+\t\tip daddr 198.51.100.1 tcp dport 80 counter packets 0 bytes 0 dnat to numgen inc mod 2 map { 0 : 10.16.0.27, 1 : 10.16.0.28 }
+\t\tip daddr 198.51.100.1 udp dport 53 dnat to 10.16.0.53
+\t\tip daddr 198.51.100.1 tcp dport 8080 dnat to 10.16.0.27:80
+\t\tmeta mark 0x00000003 dnat to 10.16.0.46
+\t}
 
-	chain postrouting {
-		type nat hook postrouting priority srcnat; policy accept;
-		ip saddr 10.16.0.0/24 oifname "eth0" masquerade comment "inside-out"
-		ip saddr 10.16.0.3 ip daddr 203.0.113.0/24 tcp dport { 80, 443 } masquerade
-	}
+\tchain postrouting {
+\t\ttype nat hook postrouting priority srcnat; policy accept;
+\t\tip saddr 10.16.0.0/24 oifname "eth0" masquerade comment "inside-out"
+\t\tip saddr 10.16.0.3 ip daddr 203.0.113.0/24 tcp dport { 80, 443 } masquerade
+\t}
 }
 table ip mangle {
-	chain prerouting {
-		type filter hook prerouting priority mangle; policy accept;
-		ip saddr 203.0.113.0/24 meta mark set 0x00000001
-		ip saddr != 203.0.113.0/24 meta mark set 0x00000003
-		iifname "eth2" tcp dport 1024-65535 meta mark set 0x00000005
-	}
+\tchain prerouting {
+\t\ttype filter hook prerouting priority mangle; policy accept;
+\t\tip saddr 203.0.113.0/24 meta mark set 0x00000001
+\t\tip saddr != 203.0.113.0/24 meta mark set 0x00000003
+\t\tiifname "eth2" tcp dport 1024-65535 meta mark set 0x00000005
+\t}
 }
 table inet masqd {
-	chain prerouting {
-		type nat hook prerouting priority dstnat; policy accept;
-		ip daddr 198.51.100.9 tcp dport 9 dnat to 10.16.0.9
-	}
+\tchain prerouting {
+\t\ttype nat hook prerouting priority dstnat; policy accept;
+\t\tip daddr 198.51.100.9 tcp dport 9 dnat to 10.16.0.9
+\t}
 }
 table inet filter {
-	set friends {
-		type ipv4_addr
-		elements = { 203.0.113.1, 203.0.113.2 }
-	}
-	chain forward {
-		type filter hook forward priority filter; policy accept;
-	}
+\tset friends {
+\t\ttype ipv4_addr
+\t\telements = { 203.0.113.1, 203.0.113.2 }
+\t}
+\tchain forward {
+\t\ttype filter hook forward priority filter; policy accept;
+\t}
 }
 """
 

@@ -83,16 +83,17 @@ class AutofwRecipients:
             log.warning("autofw %s: cannot program recipient %s: %s", key_text(key), source, exc)
             return None
         wall = time.time()
-        record = {"address": source, "family": family, "peer": peer, "refreshed": self.clock(),
-                  "since": current["since"] if action == "refreshed" else wall,
-                  "replaced": current["replaced"] if action == "refreshed" else None}
-        if action == "replaced":
+        record: Record = {"address": source, "family": family, "peer": peer, "refreshed": self.clock(),
+                          "since": wall, "replaced": None}
+        if current is not None and action == "refreshed":
+            record.update(since=current["since"], replaced=current["replaced"])
+        elif current is not None:
             record["replaced"] = {"address": current["address"], "at": iso(wall)}
         live[peer] = record
         if action != "refreshed":
             log.info("autofw %s: recipient %s%s%s", key_text(key), source,
                      " for peer %s" % peer if peer else "",
-                     " (replaced %s)" % current["address"] if action == "replaced" else "")
+                     " (replaced %s)" % current["address"] if current is not None else "")
         return action
 
     def forget(self, old_entries: Dict[Key, Dict[str, Any]], keys: Iterable[Key]) -> None:

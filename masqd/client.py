@@ -50,6 +50,15 @@ class AgentUnavailable(Exception):
     """Nothing (or not masqd) answers on the socket."""
 
 
+def _is_envelope(value):
+    """{"ok": true, "result": {...}, ...} or {"ok": false, "error": {...}}: what callers index."""
+    if not isinstance(value, dict) or not isinstance(value.get("ok"), bool):
+        return False
+    if value["ok"]:
+        return isinstance(value.get("result"), dict)
+    return isinstance(value.get("error"), dict)
+
+
 class Client:
     """One connection to masqd, opened on first use and kept for further requests."""
 
@@ -88,9 +97,9 @@ class Client:
             raise AgentUnavailable(
                 "permission denied on masqd's socket %s: only root or members of the "
                 "agent's --group may use it" % self.socket_path) from exc
-        except OSError as exc:
+        except (OSError, ValueError) as exc:  # ValueError: a NUL byte in the path
             sock.close()
-            raise AgentUnavailable("cannot connect to masqd at %s: %s" % (self.socket_path, exc)) from exc
+            raise AgentUnavailable("cannot connect to masqd at %r: %s" % (self.socket_path, exc)) from exc
         self._sock = sock
         self._reader = sock.makefile("rb")
 
@@ -127,9 +136,10 @@ class Client:
         except ValueError as exc:
             self.close()
             raise AgentUnavailable("masqd at %s sent malformed JSON: %s" % (self.socket_path, exc)) from exc
-        if not isinstance(envelope, dict) or "ok" not in envelope:
+        if not _is_envelope(envelope):
             self.close()
-            raise AgentUnavailable("masqd at %s sent an answer without 'ok'" % self.socket_path)
+            raise AgentUnavailable("masqd at %s sent an answer that is not a masqd envelope: %.80s"
+                                   % (self.socket_path, reply.decode("utf-8", "replace").strip()))
         return envelope
 
     def request(self, op, **args):

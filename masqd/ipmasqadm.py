@@ -223,9 +223,9 @@ class Resolver:
                              show_usage=False)
 
     def port(self, value, what):
-        if value.isdigit():
+        if _ascii_digits(value):
             return int(value)
-        if self.numeric or not value or value.startswith("-"):
+        if self.numeric or not value or value.startswith("-") or not value.isascii():
             raise self.error("%s: %r is not a port number" % (what, value))
         try:
             return self.lookup.service_port(value)
@@ -273,7 +273,14 @@ class Tokens:
         return any(token in options for token in self.items)
 
 
+def _ascii_digits(text):
+    """Only 0-9: str.isdigit() and int() also take '²' and '٨١' (81)."""
+    return text.isascii() and text.isdigit()
+
+
 def _is_number(text):
+    if not text.isascii():
+        return False
     try:
         int(text)
         return True
@@ -282,6 +289,8 @@ def _is_number(text):
 
 
 def _integer(module, value, what):
+    if not value.isascii():
+        raise UsageError(module, "%s: %r is not a number" % (what, value))
     try:
         return int(value, 10)
     except ValueError:
@@ -657,6 +666,8 @@ def parse_rules(module, argv, lookup=None):
         elif token in ("-m", "--mark") and module == "mark":
             value = tokens.value(token, "MARK")
             try:
+                if not value.isascii():
+                    raise ValueError(value)
                 entry["mark"] = int(value, 0)  # ipchains took 0x... marks too
             except ValueError:
                 raise UsageError(module, "-m MARK: %r is not a number" % value)

@@ -141,6 +141,9 @@ def main(argv=None):
         return EXIT_OK
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:  # pylint: disable=broad-except  # one line, never a traceback
+        sys.stderr.write("masqctl: unexpected error: %s: %s\n" % (type(exc).__name__, exc))
+        return EXIT_REFUSED
 
 
 if __name__ == "__main__":

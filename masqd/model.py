@@ -51,7 +51,24 @@ FORWARD_PROTOCOLS = ("tcp", "udp")
 MATCH_PROTOCOLS = ("tcp", "udp", "icmp", "icmpv6")
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$")
-_RANGE_RE = re.compile(r"^(\d{1,5})-(\d{1,5})$")
+_RANGE_RE = re.compile(r"([0-9]{1,5})-([0-9]{1,5})")  # ASCII digits: int("٨١") is 81 in Python
+
+# Addresses no field of masqd can mean, with the reason given back: (network, reason).
+# A host address (backend, local_address, hidden_host, pool) in any of them is refused;
+# a network (source, destination) is refused when it lies inside one of them.
+_NOT_UNICAST = (
+    (ipaddress.ip_network("0.0.0.0/32"), "the unspecified address"),
+    (ipaddress.ip_network("127.0.0.0/8"), "a loopback address (127.0.0.0/8): it never crosses a gateway"),
+    (ipaddress.ip_network("224.0.0.0/4"), "a multicast address (224.0.0.0/4)"),
+    (ipaddress.ip_network("255.255.255.255/32"), "the limited broadcast address"),
+    (ipaddress.ip_network("240.0.0.0/4"), "a reserved address (240.0.0.0/4): not routable"),
+    (ipaddress.ip_network("::/128"), "the unspecified address"),
+    (ipaddress.ip_network("::1/128"), "the loopback address"),
+    (ipaddress.ip_network("ff00::/8"), "a multicast address (ff00::/8)"),
+    (ipaddress.ip_network("::ffff:0:0/96"), "an IPv4-mapped IPv6 address (::ffff:0:0/96): give the IPv4 form"),
+)
+# A destination may be multicast (matching multicast traffic is meaningful); a source never.
+_DESTINATION_OK = frozenset(("224.0.0.0/4", "ff00::/8"))
 
 
 class ValidationError(Exception):
@@ -109,22 +126,33 @@ def protocol(value, field, allowed=FORWARD_PROTOCOLS):
 
 
 def address(value, field):
-    """An IPv4/IPv6 host address; returns (canonical string, family 4|6)."""
+    """An IPv4/IPv6 host address; returns (canonical string, family 4|6). Refused with
+    the reason: no zone id, nothing that cannot be meant (_NOT_UNICAST)."""
     if not isinstance(value, str):
         raise ValidationError(field, value, "must be an IPv4 or IPv6 address")
     parsed = _parse_address(value)
     if parsed is None:
+        if "%" in value:
+            raise ValidationError(field, value, "has a zone id ('%...'): masqd takes addresses without one")
         raise ValidationError(field, value, "must be an IPv4 or IPv6 address")
     if parsed[0] is None:
-        raise ValidationError(field, value, "must be a unicast address")
-    if parsed[0] == "mapped":
-        raise ValidationError(field, value, "is an IPv4-mapped IPv6 address: give the IPv4 address")
+        raise ValidationError(field, value, _reason(value))
     return parsed
+
+
+def _reason(value):
+    """Why an address parsed by _parse_address as not unicast cannot be meant."""
+    addr = ipaddress.ip_address(value)
+    for net, what in _NOT_UNICAST:
+        if addr.version == net.version and addr in net:
+            return "is " + what
+    return "must be a unicast address"
 
 
 @functools.lru_cache(maxsize=65536)
 def _parse_address(value):
-    """(canonical, family), (None, family) for a non-unicast address, or None.
+    """(canonical, family), (None, family) for an address that cannot be meant (see
+    _reason), or None when it is not an address (zone ids included).
     IPv4 takes a fast path (inet_pton is ~10x faster than ipaddress): 100,000-key
     tables are validated on every `set`."""
     try:
@@ -132,44 +160,60 @@ def _parse_address(value):
     except (OSError, ValueError):  # ValueError: an embedded NUL byte
         packed = None
     if packed is not None:
-        if packed == b"\0\0\0\0" or 224 <= packed[0] <= 239:
+        if packed == b"\0\0\0\0" or packed[0] == 127 or packed[0] >= 224:
             return None, 4
         return socket.inet_ntop(socket.AF_INET, packed), 4
+    if "%" in value or not value.isascii():  # ipaddress takes "fe80::1%<anything>" (a zone id)
+        return None
     try:
         addr = ipaddress.ip_address(value)
     except ValueError:
         return None
     if addr.version == 4:  # forms inet_pton refuses but ipaddress takes: none today
         return None
-    if addr.is_unspecified or addr.is_multicast:
+    if addr.is_unspecified or addr.is_multicast or addr.is_loopback or addr.ipv4_mapped is not None:
         return None, 6
-    if addr.ipv4_mapped is not None:
-        return "mapped", 6
     return str(addr), 6
 
 
-def network(value, field):
-    """A CIDR (or bare address = host route); returns (canonical string, family)."""
+def network(value, field, role="source"):
+    """A CIDR (or bare address = host route); returns (canonical string, family).
+    0.0.0.0/0 and ::/0 mean any; a network inside a range no packet of `role`
+    (source or destination) can come from or go to is refused with the reason."""
     if not isinstance(value, str):
+        raise ValidationError(field, value, "must be an IPv4 or IPv6 network (CIDR)")
+    if "%" in value:
+        raise ValidationError(field, value, "has a zone id ('%...'): masqd takes networks without one")
+    if not value.isascii():
         raise ValidationError(field, value, "must be an IPv4 or IPv6 network (CIDR)")
     try:
         net = ipaddress.ip_network(value, strict=True)
     except ValueError as exc:
         msg = "has host bits set" if "host bits" in str(exc) else "must be an IPv4 or IPv6 network (CIDR)"
         raise ValidationError(field, value, msg) from None
+    for bad, what in _NOT_UNICAST:
+        if net.version == bad.version and net.subnet_of(bad):
+            if role == "destination" and str(bad) in _DESTINATION_OK:
+                continue
+            if net.num_addresses == 1:
+                raise ValidationError(field, value, "is %s" % what)
+            raise ValidationError(field, value, "cannot be meant as %s: every address in it is %s" % (role, what))
     return str(net), net.version
 
 
 def interface(value, field):
-    """A network interface name as the kernel accepts it (dev_valid_name) and nft can
-    quote: 1-15 printable ASCII characters, no '/', ':', whitespace, quote or backslash;
-    not '.' or '..'. A trailing '*' is nft's prefix wildcard ("ppp*")."""
+    """A network interface name as the kernel accepts it (dev_valid_name: not empty,
+    under IFNAMSIZ, not '.' or '..', no '/', ':' or whitespace) and nft can quote: 1-15
+    printable ASCII characters, no quote or backslash either. A trailing '*' is nft's
+    prefix wildcard ("ppp*"); a lone '*' (every interface) is refused: leave the field out."""
+    if value == "*":
+        raise ValidationError(field, value, "a lone '*' matches every interface: leave the field out instead")
     ok = (isinstance(value, str) and 0 < len(value) <= 15 and value not in (".", "..")
           and all(33 <= ord(c) <= 126 and c not in "/:\"\\" for c in value)
           and "*" not in value[:-1])
     if not ok:
-        raise ValidationError(field, value, "must be an interface name: 1-15 printable "
-                              "characters, no '/', ':', quote, backslash or whitespace")
+        raise ValidationError(field, value, "must be an interface name: 1-15 printable ASCII "
+                              "characters, no '/', ':', quote, backslash or whitespace ('*' only at the end)")
     return value
 
 
@@ -185,10 +229,12 @@ def port_list(value, field):
     for i, item in enumerate(value):
         f = "%s[%d]" % (field, i)
         if isinstance(item, str):
-            m = _RANGE_RE.match(item)
+            m = _RANGE_RE.fullmatch(item) if len(item) <= 11 else None
             if not m:
                 raise ValidationError(f, item, "must be a port or a \"low-high\" range")
-            low, high = port(int(m.group(1)), f), port(int(m.group(2)), f)
+            low, high = int(m.group(1)), int(m.group(2))
+            if not (0 < low <= 65535 and 0 < high <= 65535):
+                raise ValidationError(f, item, "port must be 1-65535")
             if low > high:
                 raise ValidationError(f, item, "range is reversed (low > high)")
             out.append("%d-%d" % (low, high))
@@ -249,7 +295,7 @@ def _backends(raw, field, family, with_port, port_optional, require=True):
     out, seen = [], set()
     for i, b in enumerate(raw):
         f = "%s[%d]" % (field, i)
-        optional = ("pref", "port") if port_optional else ("pref",)
+        optional = ("pref", "port", "check") if port_optional else ("pref", "check")
         _fields(b, f, ("address", "port") if (with_port and not port_optional) else ("address",), optional)
         addr, fam = address(b["address"], f + ".address")
         if family is None:
@@ -260,6 +306,8 @@ def _backends(raw, field, family, with_port, port_optional, require=True):
         if p is not None or not port_optional:
             p = port(p, f + ".port")
         backend = {"address": addr, "port": p, "pref": pref(b.get("pref", DEFAULT_PREF), f + ".pref")}
+        if b.get("check") is not None:  # health check (docs/health.md)
+            backend_check(b["check"], f + ".check", backend, fam)
         if (addr, p) in seen:
             raise ValidationError(f, b, "duplicate backend %s port %s" % (addr, p))
         seen.add((addr, p))
@@ -323,12 +371,13 @@ def normalize_portfw(raw, field=""):
     entry = _portfw_fast(raw)
     if entry is not None:
         return entry
-    _fields(raw, field, ("protocol", "local_address", "local_port"), ("backends",))
+    _fields(raw, field, ("protocol", "local_address", "local_port"), ("backends",) + HEALTH_OPTIONS)
     proto = _CANONICAL_PROTOCOL[protocol(raw["protocol"], _path(field, "protocol"))]
     laddr, fam = address(raw["local_address"], _path(field, "local_address"))
     lport = port(raw["local_port"], _path(field, "local_port"))
     backends = _backends(raw.get("backends", []), _path(field, "backends"), fam, True, False, require=False)
-    return {"protocol": proto, "local_address": laddr, "local_port": lport, "backends": backends}
+    entry = {"protocol": proto, "local_address": laddr, "local_port": lport, "backends": backends}
+    return health_options(raw, field, entry, fam, port_optional=False)
 
 
 def normalize_autofw(raw, field=""):
@@ -364,10 +413,11 @@ def normalize_autofw(raw, field=""):
 
 
 def normalize_mfw(raw, field=""):
-    _fields(raw, field, ("mark",), ("backends",))
+    _fields(raw, field, ("mark",), ("backends",) + HEALTH_OPTIONS)
     m = mark(raw["mark"], _path(field, "mark"))
     backends = _backends(raw.get("backends", []), _path(field, "backends"), None, True, True, require=False)
-    return {"mark": m, "backends": backends}
+    fam = (6 if ":" in backends[0]["address"] else 4) if backends else None
+    return health_options(raw, field, {"mark": m, "backends": backends}, fam, port_optional=True)
 
 
 def _criteria(raw, field, entry):
@@ -377,7 +427,7 @@ def _criteria(raw, field, entry):
         value = raw.get(key)
         entry[key] = None
         if value is not None:
-            entry[key], fam = network(value, _path(field, key))
+            entry[key], fam = network(value, _path(field, key), role=key)
             families.append(fam)
         entry[key + "_invert"] = boolean(raw.get(key + "_invert", False), _path(field, key + "_invert"))
         if entry[key + "_invert"] and entry[key] is None:
@@ -441,7 +491,7 @@ def _helpers(value, field, entry):
     out = []
     for i, item in enumerate(value):
         f = "%s[%d]" % (field, i)
-        if item not in HELPERS:
+        if not isinstance(item, str) or item not in HELPERS:
             raise ValidationError(f, item, "helper must be one of %s" % ", ".join(sorted(HELPERS)))
         if item in out:
             raise ValidationError(f, item, "duplicate helper")
@@ -570,3 +620,114 @@ def _portfw_table(raw_entries, field, consume):
             raise ValidationError("%s[%d]" % (field, i), raw, "duplicate entry for key %s" % (key,))
         out[key] = entry
     return out
+
+
+# --- health checks (docs/health.md) -----------------------------------------------------
+
+CHECK_TYPES = ("none", "tcp", "http", "icmp")
+CHECK_DEFAULTS = {"interval": 2.0, "fall": 3, "rise": 2}
+CHECK_INTERVAL = (0.05, 3600.0)  # seconds
+CHECK_TIMEOUT = (0.01, 60.0)
+MAX_FALL_RISE = 100
+MAX_CHECK_PATH = 256
+ALL_DOWN = ("forward", "fallback", "reject")
+# Entry fields about what health checks do to the key; absent = the default, so an
+# entry without checks is exactly what it was before health checks existed.
+HEALTH_OPTIONS = ("failback", "all_down", "fallback", "flush_on_down")
+_CHECK_FIELDS = ("type", "port", "path", "status", "interval", "timeout", "fall", "rise")
+_PATH_RE = re.compile(r"^/[\x21-\x7e]*$")  # visible ASCII: it goes into a request line
+
+
+def _seconds(value, field, low, high):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+        raise ValidationError(field, value, "must be a number of seconds %g-%g" % (low, high))
+    if not low <= value <= high:
+        raise ValidationError(field, value, "must be %g-%g seconds" % (low, high))
+    return float(value)
+
+
+def _statuses(value, field):
+    """Expected HTTP statuses: a code (200) or a list of codes; default 200-399."""
+    codes = value if isinstance(value, list) else [value]
+    if not codes or len(codes) > 32:
+        raise ValidationError(field, value, "must be an HTTP status code or a list of 1-32 codes")
+    return sorted(set(_int(c, field, 100, 599, "HTTP status") for c in codes))
+
+
+def backend_check(raw, field, backend, family):
+    """Validate a backend's `check` and store its canonical form in backend["check"]
+    (nothing for type none). `port` None means the backend's own port."""
+    _fields(raw, field, ("type",), _CHECK_FIELDS)
+    kind = raw["type"]
+    if kind not in CHECK_TYPES:
+        raise ValidationError(field + ".type", kind, "must be one of %s" % ", ".join(CHECK_TYPES))
+    if kind == "none":
+        extra = [k for k in raw if k != "type"]
+        if extra:
+            raise ValidationError("%s.%s" % (field, extra[0]), raw[extra[0]], "a check of type none takes no options")
+        return backend
+    out = {"type": kind}
+    if kind == "icmp":
+        for k in ("port", "path", "status"):
+            if k in raw:
+                raise ValidationError("%s.%s" % (field, k), raw[k], "an icmp check takes no %s" % k)
+    else:
+        p = raw.get("port")
+        if p is not None:
+            p = port(p, field + ".port")
+        elif backend["port"] is None:
+            raise ValidationError(field + ".port", None, "is required: the backend has no port (or use type icmp)")
+        out["port"] = p
+    if kind == "http":
+        path = raw.get("path", "/")
+        if not isinstance(path, str) or len(path) > MAX_CHECK_PATH or not _PATH_RE.fullmatch(path):
+            raise ValidationError(field + ".path", path, "must be an absolute path of visible ASCII "
+                                  "characters (no spaces), at most %d" % MAX_CHECK_PATH)
+        out["path"] = path
+        if raw.get("status") is not None:
+            out["status"] = _statuses(raw["status"], field + ".status")
+    else:
+        for k in ("path", "status"):
+            if k in raw:
+                raise ValidationError("%s.%s" % (field, k), raw[k], "only an http check takes %s" % k)
+    out["interval"] = _seconds(raw.get("interval", CHECK_DEFAULTS["interval"]), field + ".interval", *CHECK_INTERVAL)
+    timeout = raw.get("timeout")
+    out["timeout"] = (min(out["interval"], CHECK_TIMEOUT[1]) if timeout is None
+                      else _seconds(timeout, field + ".timeout", *CHECK_TIMEOUT))
+    for k in ("fall", "rise"):
+        out[k] = _int(raw.get(k, CHECK_DEFAULTS[k]), "%s.%s" % (field, k), 1, MAX_FALL_RISE, k)
+    backend["check"] = out
+    return backend
+
+
+def health_options(raw, field, entry, family, port_optional):
+    """The entry-level health fields (HEALTH_OPTIONS), added to `entry` when not the
+    default: failback (mfw pref-0 lists), all_down (forward | fallback | reject) with
+    its `fallback` backend, flush_on_down."""
+    for k in ("failback", "flush_on_down"):
+        if raw.get(k) is not None and boolean(raw[k], _path(field, k)):
+            entry[k] = True
+    mode = raw.get("all_down", "forward")
+    if mode not in ALL_DOWN:
+        raise ValidationError(_path(field, "all_down"), mode, "must be one of %s" % ", ".join(ALL_DOWN))
+    fallback = raw.get("fallback")
+    if mode == "fallback" and fallback is None:
+        raise ValidationError(_path(field, "fallback"), None, "is required with all_down: fallback")
+    if fallback is not None:
+        if mode != "fallback":
+            raise ValidationError(_path(field, "fallback"), fallback, "needs all_down: fallback")
+        f = _path(field, "fallback")
+        _fields(fallback, f, ("address",) if port_optional else ("address", "port"), ("port",))
+        addr, fam = address(fallback["address"], f + ".address")
+        if family is not None and fam != family:
+            raise ValidationError(f + ".address", fallback["address"], "mixes IPv4 and IPv6 in one entry")
+        p = fallback.get("port")
+        entry["fallback"] = {"address": addr, "port": None if p is None else port(p, f + ".port")}
+    if mode != "forward":
+        entry["all_down"] = mode
+    return entry
+
+
+def checked(entry):
+    """Does any backend of the entry carry a health check?"""
+    return any("check" in b for b in entry.get("backends", ()))

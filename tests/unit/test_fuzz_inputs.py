@@ -377,3 +377,126 @@ def test_masqd_never_runs_a_shell_or_subprocess():
                     if banned.search(code):
                         hits.append("masqd/%s:%d: %s" % (name, number, line.strip()))
     assert not hits, hits
+
+
+# -- issue 10 item 4: the hand-picked corpus, and properties of the address/port checks -----
+
+with open(os.path.join(REPO, "tests", "lab", "hostile_corpus.json")) as _corpus:
+    CORPUS = json.load(_corpus)["cases"]
+
+
+def test_the_hostile_corpus_is_refused_by_validation_naming_the_field(tmp_path_factory):
+    svc = new_service(tmp_path_factory)
+    before = svc.handle({"op": "get"})
+    applied = len(svc.nft.transactions)  # the start-up sync
+    wrong = []
+    for case in CORPUS:
+        response = svc.handle(json.loads(json.dumps(case["request"])))
+        if response["ok"]:
+            wrong.append((case["why"], "accepted"))
+            continue
+        assert_refusal(response)
+        error = response["error"]
+        if error["field"] != case["field"] or case["message"] not in error["message"] \
+                or error["message"].startswith("the kernel refused"):
+            wrong.append((case["why"], error))
+    assert not wrong, wrong
+    assert len(svc.nft.transactions) == applied  # nothing reached the (fake) kernel, not even a dry run
+    assert svc.handle({"op": "get"}) == before
+
+
+address_like = st.one_of(
+    st.ip_addresses().map(str),
+    st.tuples(st.ip_addresses(v=6).map(str), st.text(max_size=12)).map(lambda p: "%s%%%s" % p),
+    st.tuples(st.ip_addresses().map(str), st.sampled_from(HOSTILE + ["\n", " ", "/32", "\x00"])).map("".join),
+    st.text(alphabet="0123456789abcdef:.%/\u0660\u0661\u00b2 \n", max_size=40),
+)
+
+
+@SETTINGS
+@given(address_like)
+def test_an_accepted_address_is_plain_and_can_be_meant(value):
+    import ipaddress
+    try:
+        canonical, family = model.address(value, "entry.local_address")
+    except model.ValidationError as exc:
+        assert exc.field == "entry.local_address" and exc.value == value and exc.message
+        return
+    assert "%" not in value and value.isascii() and value == value.strip()
+    addr = ipaddress.ip_address(canonical)
+    assert addr.version == family and str(addr) == canonical
+    assert not (addr.is_multicast or addr.is_unspecified or addr.is_loopback or addr.is_reserved
+                and addr.version == 4), value
+    assert addr.version == 4 or addr.ipv4_mapped is None
+    assert addr != ipaddress.ip_address("255.255.255.255")
+
+
+@SETTINGS
+@given(st.tuples(address_like, st.integers(0, 128)).map(lambda p: "%s/%d" % p) | address_like,
+       st.sampled_from(["source", "destination"]))
+def test_an_accepted_network_is_plain_and_can_be_meant(value, role):
+    import ipaddress
+    try:
+        canonical, _family = model.network(value, "entry." + role, role=role)
+    except model.ValidationError as exc:
+        assert exc.field == "entry." + role and exc.value == value
+        return
+    assert "%" not in value and value.isascii()
+    net = ipaddress.ip_network(canonical)
+    if net.num_addresses == 1:
+        addr = net.network_address
+        assert not (addr.is_unspecified or addr.is_loopback), value
+    assert not (net.version == 4 and net.subnet_of(ipaddress.ip_network("127.0.0.0/8")))
+    assert not (net.version == 6 and net.subnet_of(ipaddress.ip_network("::ffff:0:0/96")))
+
+
+@SETTINGS
+@given(st.text(alphabet="0123456789-\u0660\u0661\u0669\u00b2\u00b9\uff10 \n", min_size=1, max_size=14))
+def test_port_ranges_take_ascii_digits_only(text):
+    try:
+        out = model.port_list([text], "entry.destination_ports")
+    except model.ValidationError as exc:
+        assert exc.field == "entry.destination_ports[0]" and exc.value == text
+        return
+    assert text.isascii() and "\n" not in text
+    low, high = text.split("-")
+    assert out == ["%d-%d" % (int(low), int(high))]
+
+
+def reference_depth(text):
+    """A character-by-character state machine: the deepest [ / { outside strings."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for char in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif char in "]}":
+            depth -= 1
+    return deepest
+
+
+deep_values = st.recursive(st.none() | st.integers() | st.text(alphabet='[]{}"\\ab', max_size=6),
+                           lambda c: st.lists(c, max_size=3) | st.dictionaries(
+                               st.text(alphabet='[]{}"\\k', max_size=4), c, max_size=3), max_leaves=60)
+
+
+@SETTINGS
+@given(deep_values)
+def test_the_depth_walk_agrees_with_a_character_state_machine(value):
+    from masqd.server import json_depth
+    text = json.dumps(value)
+    assert json_depth(value, limit=1000) == reference_depth(text)
+    request, error = parse_request(('{"op": "status", "x": %s}' % text).encode())
+    too_deep = reference_depth(text) + 1 > MAX_DEPTH
+    assert (error is not None and "nested deeper" in error["error"]["message"]) == too_deep
+    assert too_deep or request["x"] == value

@@ -1,7 +1,13 @@
 """masqctl's flow: usage errors exit 2 with the usage text, refusals exit 1, listings print."""
 
+import contextlib
 import io
 import json
+import os
+import socket
+import subprocess
+import sys
+import threading
 
 import pytest
 
@@ -122,3 +128,112 @@ def test_status_text():
 @pytest.mark.parametrize("argv", [["--socket"], ["portfw", "--socket"]])
 def test_socket_option_needs_a_path(argv):
     assert run(argv)[0] == 2
+
+
+# -- every error path of the real program: one clear line, exit non-zero, no traceback ------
+
+MASQCTL = [sys.executable, "-m", "masqd.masqctl"]
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def masqctl_process(args, prefix=()):
+    env = dict(os.environ, PYTHONPATH=REPO)
+    env.pop("MASQD_SOCKET", None)
+    return subprocess.run(list(prefix) + MASQCTL + list(args), capture_output=True, text=True, timeout=60,
+                          env=env, cwd=REPO)
+
+
+def assert_one_clear_line(result, code=1, expect=""):
+    assert result.returncode == code, (result.returncode, result.stderr)
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("masqctl"), result.stderr
+    assert expect in lines[0], lines[0]
+
+
+class FakeAgent:
+    """A socket that answers every request line with `reply` (bytes) then hangs up."""
+
+    def __init__(self, path, reply):
+        self.path, self.reply = path, reply
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(path)
+        self.listener.listen(4)
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self):
+        with contextlib.suppress(OSError):
+            conn, _peer = self.listener.accept()
+            with conn:
+                conn.settimeout(10)
+                conn.recv(1 << 16)
+                conn.sendall(self.reply)
+
+    def close(self):
+        self.listener.close()
+        self.thread.join(timeout=5)
+
+
+@pytest.mark.parametrize("socket_path,expect", [
+    ("/nonexistent-dir/masqd.sock", "masqd is not running at /nonexistent-dir/masqd.sock"),
+    ("/", "masqd is not running at /"),                          # a directory
+    ("/etc/hostname", "masqd is not running at /etc/hostname"),  # a file, not a socket
+    ("/tmp/" + "x" * 200, "cannot connect to masqd"),           # longer than sun_path
+    ("/tmp/a\x01b", "masqd is not running"),
+])
+def test_broken_socket_paths(socket_path, expect):
+    assert_one_clear_line(masqctl_process(["--socket", socket_path, "status"]), expect=expect)
+
+
+def test_nul_in_the_socket_path_is_one_line():
+    # argv cannot carry a NUL; the Python API can
+    out, err = io.StringIO(), io.StringIO()
+    code = masqctl.run(["--socket", "/tmp/a\0b", "status"], out=out, err=err)
+    assert code == 1 and err.getvalue().count("\n") == 1 and "masqd is not running" in err.getvalue()
+
+
+def test_permission_denied_is_one_line(tmp_path):
+    path = str(tmp_path / "masqd.sock")
+    agent = FakeAgent(path, b"")
+    os.chmod(path, 0)
+    try:  # root without CAP_DAC_OVERRIDE: the file mode applies
+        result = masqctl_process(["--socket", path, "status"],
+                                 prefix=["setpriv", "--bounding-set=-all", "--inh-caps=-all"])
+    finally:
+        agent.close()
+    assert_one_clear_line(result, expect="permission denied on masqd's socket")
+
+
+@pytest.mark.parametrize("reply,expect", [
+    (b"this is not json\n", "sent malformed JSON"),
+    (b"\xff\xfe\n", "sent malformed JSON"),
+    (b"[1, 2]\n", "not a masqd envelope"),
+    (b'{"ok": true}\n', "not a masqd envelope"),
+    (b'{"ok": "yes", "result": {}}\n', "not a masqd envelope"),
+    (b'{"ok": false, "error": "nope"}\n', "not a masqd envelope"),
+    (b'{"ok": true, "result": {"tables": 5}}\n', "unexpected error"),
+    (b'{"ok": true, "result": {}', "closed the connection without an answer"),
+    (b"", "closed the connection without an answer"),
+])
+def test_a_reply_that_is_not_an_envelope_is_one_line(tmp_path, reply, expect):
+    path = str(tmp_path / "masqd.sock")
+    agent = FakeAgent(path, reply)
+    try:
+        result = masqctl_process(["--socket", path, "status"])
+    finally:
+        agent.close()
+    assert_one_clear_line(result, expect=expect)
+
+
+@pytest.mark.parametrize("args", [
+    ["portfw", "-a", "-P", "tcp", "-L", "198.51.100.1", "\u0668\u0661", "-R", "10.16.0.27", "80"],
+    ["portfw", "-a", "-P", "tcp", "-L", "198.51.100.1", "80", "-R", "10.16.0.27", "\u00b2"],
+    ["mark", "-A", "input", "-s", "10.0.0.0/8", "-m", "\u0661"],
+    ["autofw", "-A", "-r", "udp", "\u0661", "20", "-h", "10.16.0.27"],
+    ["portfw", "-z"], ["bogus"], ["--socket"],
+])
+def test_bad_arguments_are_a_usage_error_without_a_traceback(args, tmp_path):
+    result = masqctl_process(["--socket", str(tmp_path / "none.sock")] + args)
+    assert result.returncode == 2, (result.returncode, result.stderr)
+    assert "Traceback" not in result.stderr and result.stderr.startswith("masqctl"), result.stderr

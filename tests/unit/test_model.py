@@ -225,3 +225,79 @@ def test_portfw_fast_path_agrees_with_full_validator(raw, monkeypatch):
         (entry,) = fast.values()
         assert list(entry) == ["protocol", "local_address", "local_port", "backends"]
         assert entry["protocol"] is model._CANONICAL_PROTOCOL[entry["protocol"]]
+
+
+# -- issue 10 item 4: values that would reach nft text ------------------------------------
+
+V6_PORTFW = {"protocol": "tcp", "local_address": "2001:db8:100::1", "local_port": 80,
+             "backends": [{"address": "fd00:16::27", "port": 80}]}
+
+
+@pytest.mark.parametrize("path", [["local_address"], ["backends", 0, "address"]])
+@pytest.mark.parametrize("value", ["2001:db8:100::1%x\nflush ruleset", "fe80::1%eth0", "2001:db8:100::1%1"])
+def test_zone_ids_are_refused(path, value):
+    with pytest.raises(ValidationError) as err:
+        model.normalize_entry("portfw", with_(V6_PORTFW, path, value))
+    assert err.value.value == value and "zone id" in err.value.message
+    assert err.value.field == "entry." + ".".join(str(p) for p in path).replace("backends.0", "backends[0]")
+
+
+@pytest.mark.parametrize("value,reason", [
+    ("0.0.0.0", "unspecified"), ("255.255.255.255", "broadcast"), ("127.0.0.1", "loopback"),
+    ("127.255.0.1", "loopback"), ("224.0.0.1", "multicast"), ("240.0.0.1", "reserved"),
+    ("::", "unspecified"), ("::1", "loopback"), ("ff02::1", "multicast"), ("::ffff:10.16.0.27", "IPv4-mapped"),
+])
+@pytest.mark.parametrize("field", ["entry.local_address", "entry.hidden_host", "entry.pool[0]"])
+def test_host_addresses_that_cannot_be_meant_are_refused_with_the_reason(value, reason, field):
+    with pytest.raises(ValidationError) as err:
+        model.address(value, field)
+    assert (err.value.field, err.value.value) == (field, value) and reason in err.value.message
+
+
+@pytest.mark.parametrize("key,value,reason", [
+    ("source", "127.0.0.0/8", "loopback"), ("source", "224.0.0.0/4", "multicast"),
+    ("destination", "240.0.0.0/4", "reserved"), ("source", "::ffff:0:0/96", "IPv4-mapped"),
+    ("destination", "::1/128", "loopback"), ("source", "0.0.0.0/32", "unspecified"),
+    ("source", "fe80::%eth0/64", "zone id"),
+])
+def test_networks_that_cannot_be_meant_are_refused(key, value, reason):
+    with pytest.raises(ValidationError) as err:
+        model.normalize_entry("marks", {"name": "m", "mark": 1, key: value})
+    assert err.value.field == "entry." + key and reason in err.value.message
+
+
+@pytest.mark.parametrize("key,value", [("source", "0.0.0.0/0"), ("destination", "::/0"),
+                                       ("destination", "224.0.0.0/4"), ("source", "0.0.0.0/1"),
+                                       ("source", "fe80::/10")])
+def test_any_and_meaningful_networks_stay_accepted(key, value):
+    assert model.normalize_entry("marks", {"name": "m", "mark": 1, key: value})[key] == value
+
+
+def test_a_lone_star_interface_is_refused_a_prefix_wildcard_is_not():
+    with pytest.raises(ValidationError) as err:
+        model.interface("*", "entry.output_interface")
+    assert err.value.field == "entry.output_interface" and "lone '*'" in err.value.message
+    assert model.interface("eth*", "entry.output_interface") == "eth*"
+
+
+@pytest.mark.parametrize("helpers,field", [(["ftp", ["ftp"]], "entry.helpers[1]"), ([{"a": 1}], "entry.helpers[0]"),
+                                           ([1], "entry.helpers[0]"), ([None], "entry.helpers[0]")])
+def test_helpers_of_the_wrong_type_are_refused(helpers, field):
+    with pytest.raises(ValidationError) as err:
+        model.normalize_entry("masquerade", {"name": "q", "helpers": helpers})
+    assert err.value.field == field
+
+
+@pytest.mark.parametrize("pool", [[["10.16.0.1"]], [{"address": "10.16.0.1"}], [1]])
+def test_pool_items_of_the_wrong_type_are_refused(pool):
+    with pytest.raises(ValidationError) as err:
+        model.normalize_entry("masquerade", {"name": "q", "pool": pool})
+    assert err.value.field == "entry.pool[0]"
+
+
+@pytest.mark.parametrize("item", ["\u0668\u0661-\u0669\u0660", "\u00b2-3", "80-\u0669\u0660", "\uff18\uff10-90",
+                                  "80-90\n", "\u0668\u0661", "\u00b2"])
+def test_unicode_digits_in_port_ranges_are_refused(item):
+    with pytest.raises(ValidationError) as err:
+        model.port_list([item], "entry.destination_ports")
+    assert (err.value.field, err.value.value) == ("entry.destination_ports[0]", item)

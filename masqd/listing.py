@@ -225,8 +225,8 @@ def format_status(result):
         lines.append("drift:      %d found%s" % (drift.get("count", 0), ", none yet" if not last else ""))
         if last:
             took = last.get("detected_to_repaired_seconds")
-            lines.append("  last:     %s %s: %s%s" % (last.get("at"), last.get("result"), last.get("found"),
-                                                   "" if took is None else " (%.0f ms)" % (took * 1000)))
+            took_text = "" if took is None else " (%.0f ms)" % (took * 1000)
+            lines.append("  last:     %s %s: %s%s" % (last.get("at"), last.get("result"), last.get("found"), took_text))
     for warning in result.get("warnings") or []:
         lines.append("warning:    %s" % warning)
     return "\n".join(lines) + "\n"

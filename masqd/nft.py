@@ -11,11 +11,11 @@ Both offer the same interface, which masqd.service.Service uses:
                              table's shape (for drift verification); None if absent
 """
 
-import time
-
 import copy
 import ctypes
 import json
+import time
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from masqd import render
 
@@ -29,15 +29,18 @@ class KernelTable:
 
     __slots__ = ("rules", "comments", "timed", "shape")
 
-    def __init__(self):
-        self.rules = {}     # chain -> [counter packets of each rule with a counter]
-        self.comments = {}  # chain -> comment of its first rule ("" if none)
-        self.timed = {}     # map -> {key text: (value text, timeout s, expires s)}
-        self.shape = {}     # ("chain", name) -> rule count, ("map", name) -> element count
-                            # (timed maps: 0, their elements are runtime), (kind, name) -> 0
+    def __init__(self) -> None:
+        self.rules: Dict[str, List[int]] = {}     # chain -> [counter packets of each rule with a counter]
+        self.comments: Dict[str, str] = {}  # chain -> comment of its first rule ("" if none)
+        # map -> {key text: (value text, timeout s, expires s)}
+        self.timed: Dict[str, Dict[str, Tuple[Optional[str], Optional[int], Optional[int]]]] = {}
+        # ("chain", name) -> rule count, ("map", name) -> element count (timed maps: 0,
+        # their elements are runtime), (kind, name) -> 0
+        self.shape: Dict[Tuple[str, str], int] = {}
 
 
-def shape_of(chains, maps, elements):
+def shape_of(chains: Dict[str, render.Chain], maps: Dict[str, render.MapDef],
+             elements: Dict[str, Dict[str, Optional[str]]]) -> Dict[Tuple[str, str], int]:
     """The shape (see KernelTable) of a rendering: render.Ruleset.objects()."""
     shape = {("chain", name): len(c.rules) for name, c in chains.items()}
     for name, m in maps.items():
@@ -55,7 +58,7 @@ class LibNftables:
     Text commands via `cmd`: measured 2-3x faster than `json_cmd` for 100,000 keys on
     this machine; safe because render builds text only from validated values."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         import nftables  # imported here so unit tests never need the library
         self._nft = nftables.Nftables()
         self._nft.set_handle_output(False)
@@ -65,7 +68,7 @@ class LibNftables:
         self._ctx = self._nft._Nftables__ctx  # pip-nftables does not wrap dry run
         self._malloc_trim = _malloc_trim()
 
-    def apply(self, txn, dry_run=False):
+    def apply(self, txn: render.Transaction, dry_run: bool = False) -> None:
         if not txn:
             return
         text = txn.to_text()
@@ -82,7 +85,7 @@ class LibNftables:
         if rc != 0:
             raise NftError(_first_error(err))
 
-    def list_table(self):
+    def list_table(self) -> Optional[List[Dict[str, Any]]]:
         """The table as nft JSON objects, or None when it does not exist."""
         self._nft.set_json_output(True)
         try:
@@ -93,14 +96,14 @@ class LibNftables:
             return None
         return json.loads(out)["nftables"]
 
-    def list_text(self):
+    def list_text(self) -> str:
         rc, out, err = self._nft.cmd("list table %s" % render.QUALIFIED)
         if rc != 0:
             raise NftError(_first_error(err))
         return out
 
-    def read_elements(self, names):
-        out = {}
+    def read_elements(self, names: List[str]) -> Dict[str, Dict[str, Dict[str, Any]]]:
+        out: Dict[str, Dict[str, Dict[str, Any]]] = {}
         self._nft.set_json_output(True)
         try:
             for name in names:
@@ -118,7 +121,7 @@ class LibNftables:
             self._nft.set_json_output(False)
         return out
 
-    def read_table(self):
+    def read_table(self) -> Optional[KernelTable]:
         objects = self.list_table()
         if objects is None:
             return None
@@ -154,8 +157,9 @@ class LibNftables:
                         table.shape[(kind, obj[kind]["name"])] = 0
         return table
 
-    def read_counters(self):
-        rules, elements = {}, {}
+    def read_counters(self) -> Tuple[Dict[str, List[int]], Dict[str, Dict[str, int]]]:
+        rules: Dict[str, List[int]] = {}
+        elements: Dict[str, Dict[str, int]] = {}
         for obj in self.list_table() or []:
             if "rule" in obj:
                 rule = obj["rule"]
@@ -176,7 +180,7 @@ class LibNftables:
 TRIM_AFTER = 1 << 20  # transaction text bytes (~10,000 elements)
 
 
-def _malloc_trim():
+def _malloc_trim() -> Optional[Callable[[int], int]]:
     try:
         trim = ctypes.CDLL("libc.so.6").malloc_trim
     except (OSError, AttributeError):  # not glibc
@@ -185,7 +189,7 @@ def _malloc_trim():
     return trim
 
 
-def _key_text(val):
+def _key_text(val: Any) -> str:
     if isinstance(val, dict) and "concat" in val:
         return " . ".join(_key_text(v) for v in val["concat"])
     if isinstance(val, dict) and "range" in val:
@@ -193,7 +197,7 @@ def _key_text(val):
     return str(val)
 
 
-def _first_error(err):
+def _first_error(err: Optional[str]) -> str:
     """nft's error text without the echoed (possibly 100,000-line) command buffer."""
     lines = [l for l in (err or "").splitlines() if l.startswith("Error:")]
     if not lines:

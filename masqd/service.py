@@ -47,12 +47,18 @@ class Service:
         self._revision = 0
         self._ruleset = None
         # AUTOFW control-port detection: who receives each range (runtime only).
-        self.autofw = autofw_runtime.AutofwRecipients(lambda: self.nft, lambda: self.clock())
+        self.autofw = autofw_runtime.AutofwRecipients(self._kernel, self._now)
         self.watchers = {}  # name -> running watcher (masqd.watchers), for status
         self.clock = time.monotonic
         self.drift = DriftRecord()
-        self._readers = _Readers(lambda: self.nft)  # kernel handles for reads off the lock
+        self._readers = _Readers(self._kernel)  # kernel handles for reads off the lock
         self._seen_timed = None  # (clock, KernelTable.timed) of the last verification
+
+    def _kernel(self):
+        return self.nft
+
+    def _now(self):
+        return self.clock()  # looked up at each call: tests replace the clock
 
     @property
     def watcher(self):
@@ -670,8 +676,6 @@ def _phase_of(comment):
     return 0
 
 
-
-
 def _shape_difference(want, have):
     if have is None:
         return "table inet masqd missing"
@@ -699,12 +703,6 @@ def _bulk_allocation():
     finally:
         if enabled:
             gc.enable()
-
-
-
-
-
-
 
 
 def _iso(wall):

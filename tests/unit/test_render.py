@@ -214,7 +214,7 @@ def _simulate(segments, n):
     numgen counter and takes `numgen mod rest < pref` of what reaches it."""
     counters = [0] * len(segments)
     out = []
-    for _ in range(n):
+    for _connection in range(n):
         rest = sum(b["pref"] for b in segments)
         for i, b in enumerate(segments):
             if i == len(segments) - 1:

@@ -8,8 +8,8 @@ See docs/lab.md for the spec format, the CLI (ipmasq-lab), the pytest fixtures a
 the Ansible module.
 """
 
-from ipmasq_lab.errors import LabError, LabSpecError
-from ipmasq_lab.lab import Lab, lab
-from ipmasq_lab.spec import shipped_topologies, validate
+from .errors import LabError, LabSpecError
+from .lab import Lab, lab
+from .spec import shipped_topologies, validate
 
 __all__ = ["Lab", "LabError", "LabSpecError", "lab", "shipped_topologies", "validate"]

@@ -21,10 +21,10 @@ import signal
 import subprocess
 import sys
 
-from ipmasq_lab import booted_host, booted_roots, demo, nsexec, registry, topology
-from ipmasq_lab import spec as spec_mod
-from ipmasq_lab.errors import LabError, LabSpecError
-from ipmasq_lab.lab import Lab, teardown_on_signals
+from . import booted_host, booted_roots, demo, nsexec, registry, topology
+from . import spec as spec_mod
+from .errors import LabError, LabSpecError
+from .lab import Lab, teardown_on_signals
 
 
 def _print_lab(lab, as_json):

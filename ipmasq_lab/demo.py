@@ -2,7 +2,7 @@
 
 import sys
 
-from ipmasq_lab.lab import lab
+from .lab import lab
 
 FORWARDING = {4: "net.ipv4.ip_forward", 6: "net.ipv6.conf.all.forwarding"}
 

@@ -14,9 +14,9 @@ import os
 import signal
 import threading
 
-from ipmasq_lab import booted_host, booted_roots, nsexec, registry, topology
-from ipmasq_lab import spec as spec_mod
-from ipmasq_lab.errors import LabError, LabSpecError
+from . import booted_host, booted_roots, nsexec, registry, topology
+from . import spec as spec_mod
+from .errors import LabError, LabSpecError
 
 TEARDOWN_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 _handler_owner = [0]  # the PID that installed _raise_on_signal

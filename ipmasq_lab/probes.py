@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import ipaddress
 import json
 import os
@@ -35,11 +36,33 @@ import subprocess
 import sys
 import time
 
-from ipmasq_lab import identity_server as _identity_server
-from ipmasq_lab import probe_agent as _probe_agent
+from . import identity_server as _identity_server
+from . import probe_agent as _probe_agent
 
-AGENT = os.path.abspath(_probe_agent.__file__)
-IDENTITY_SERVER = os.path.abspath(_identity_server.__file__)
+
+def _script_path(module):
+    """A file that runs `module` as a script. Its own file when it has one; when it was
+    imported from a zip (the lab modules' AnsiballZ payload), a copy of its source under
+    the registry's run directory, named by content so every run shares one copy."""
+    path = os.path.abspath(module.__file__)
+    if os.path.isfile(path):
+        return path
+    from .registry import RUN_DIR
+    source = module.__loader__.get_source(module.__name__).encode()
+    digest = hashlib.sha256(source).hexdigest()[:16]
+    scripts = os.path.join(RUN_DIR, "scripts")
+    target = os.path.join(scripts, "%s-%s" % (digest, os.path.basename(path)))
+    if not os.path.isfile(target):
+        os.makedirs(scripts, mode=0o700, exist_ok=True)
+        tmp = "%s.%d.tmp" % (target, os.getpid())
+        with open(tmp, "wb") as handle:
+            handle.write(source)
+        os.replace(tmp, target)
+    return target
+
+
+AGENT = _script_path(_probe_agent)
+IDENTITY_SERVER = _script_path(_identity_server)
 
 PROTOCOLS = ("tcp", "udp", "icmp")
 # Probes only ever target the lab's own ranges (and loopback): a typo can't leave the lab.

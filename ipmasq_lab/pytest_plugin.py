@@ -17,7 +17,7 @@ import signal
 
 import pytest
 
-from ipmasq_lab.lab import Lab, die_by_default
+from .lab import Lab, die_by_default
 
 _live = []  # labs built by fixtures and not yet torn down
 

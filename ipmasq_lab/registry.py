@@ -18,7 +18,7 @@ import secrets
 import shutil
 import time
 
-from ipmasq_lab.errors import LabError
+from .errors import LabError
 
 RUN_DIR = os.environ.get("IPMASQ_LAB_RUN_DIR", "/run/ipmasq-lab")
 PREFIX_RE = re.compile(r"^[a-z][a-z0-9]{1,11}$")

@@ -18,10 +18,13 @@ import ipaddress
 import os
 import re
 
-import yaml
+try:
+    import yaml
+except ImportError:  # the lab modules name the missing library (missing_required_lib)
+    yaml = None
 
 from .booted_spec import BOOTED_KEYS, validate_kinds
-from ipmasq_lab.errors import LabSpecError
+from .errors import LabSpecError
 
 TOPOLOGIES_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "topologies")
 

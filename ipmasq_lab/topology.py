@@ -15,11 +15,14 @@ import socket
 import threading
 import time
 
-from pyroute2 import IPRoute, netns as pr_netns
+try:
+    from pyroute2 import IPRoute, netns as pr_netns
+except ImportError:  # the lab modules name the missing library (missing_required_lib)
+    IPRoute = pr_netns = None
 
-from ipmasq_lab import nsexec
-from ipmasq_lab.errors import LabError
-from ipmasq_lab.spec import PER_INTERFACE_SYSCTLS, SWITCH_HOST, endpoint
+from . import nsexec
+from .errors import LabError
+from .spec import PER_INTERFACE_SYSCTLS, SWITCH_HOST, endpoint
 
 IFA_F_NODAD = 0x02
 _libc = ctypes.CDLL(None, use_errno=True)

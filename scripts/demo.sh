@@ -4,7 +4,9 @@
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 bash "$here/setup.sh"
+# shellcheck source=scripts/env.sh
 . "$here/env.sh"
+repo=$(dirname "$here")   # as env.sh sets it; said here so shellcheck sees it
 cd "$repo"
 
 prefix=demo$(od -An -N3 -tx1 /dev/urandom | tr -d ' \n')

@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Sourced by the scripts: the environment the lab, Ansible and the tests run in.
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 export PATH="$repo/.venv/bin:$PATH"

@@ -7,7 +7,9 @@
 # it down at the end, also when a step fails. Needs root.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
+# shellcheck source=scripts/env.sh
 . "$here/env.sh"
+repo=$(dirname "$here")   # as env.sh sets it; said here so shellcheck sees it
 cd "$repo"
 
 # molecule writes ~/.ansible/tmp and its caches under HOME: give it its own.

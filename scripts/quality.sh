@@ -12,7 +12,9 @@
 # their pinned requirements from PyPI, later runs reuse them offline.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
+# shellcheck source=scripts/env.sh
 . "$here/env.sh"
+repo=$(dirname "$here")   # as env.sh sets it; said here so shellcheck sees it
 cd "$repo"
 
 what=${1:-all}

@@ -6,7 +6,8 @@ set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 cd "$repo"
 
-debs=(nftables libnftables1 iproute2 conntrack socat iperf3 iputils-ping procps python3 python3-venv systemd-container debootstrap openssh-client)
+debs=(nftables libnftables1 iproute2 conntrack socat iperf3 iputils-ping procps python3 python3-venv shellcheck systemd-container debootstrap openssh-client
+      keepalived conntrackd)   # HA pairs (docs/ha.md): installed, never started here
 missing=()
 for pkg in "${debs[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed' || missing+=("$pkg")
@@ -14,8 +15,18 @@ done
 if [ ${#missing[@]} -gt 0 ]; then
     echo "setup: installing Debian packages: ${missing[*]}"
     export DEBIAN_FRONTEND=noninteractive
+    # Package scripts must not start keepalived/conntrackd in the machine's own namespace:
+    # policy-rc.d 101 = "do not start services", removed again afterwards.
+    policy=/usr/sbin/policy-rc.d
+    own_policy=0
+    if [ ! -e "$policy" ]; then
+        printf '#!/bin/sh\nexit 101\n' > "$policy"; chmod 755 "$policy"; own_policy=1
+    fi
+    trap '[ "$own_policy" = 1 ] && rm -f "$policy"' EXIT
     apt-get update -qq
     apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    [ "$own_policy" = 1 ] && rm -f "$policy"
+    trap - EXIT
 fi
 
 # Some machines' pip config lists local package indexes that may be absent: hide that noise.
@@ -26,11 +37,11 @@ pip_install() {
 
 python=${PYTHON:-python3}
 stamp=.venv/.installed
-want=$(cat requirements.txt pyproject.toml | sha256sum | cut -d' ' -f1)
+want=$(cat requirements.txt requirements-dev.txt pyproject.toml | sha256sum | cut -d' ' -f1)
 if [ ! -x .venv/bin/python ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-    echo "setup: building .venv (pinned requirements.txt)"
+    echo "setup: building .venv (pinned requirements-dev.txt, with requirements.txt)"
     [ -x .venv/bin/python ] || "$python" -m venv .venv
-    pip_install -r requirements.txt
+    pip_install -r requirements-dev.txt
     pip_install --no-deps -e .
     echo "$want" > "$stamp"
 fi

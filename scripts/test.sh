@@ -7,7 +7,9 @@
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 bash "$here/setup.sh"
+# shellcheck source=scripts/env.sh
 . "$here/env.sh"
+repo=$(dirname "$here")   # as env.sh sets it; said here so shellcheck sees it
 cd "$repo"
 pytest -p no:cacheprovider "$@"
 bash "$here/molecule.sh"

@@ -22,8 +22,8 @@ description:
     this lab on O(host) (those on O(port) only, if given).
   - Probes change nothing (C(changed=false)); only V(serve) and V(stop) do. Every probe is
     bounded in count and time. Addresses outside the lab's ranges are refused.
-  - Runs where the lab runs (usually C(localhost), as root), with an interpreter that can
-    import C(ipmasq_lab) and scapy.
+  - Runs where the lab runs (usually C(localhost), as root). The harness ships with the
+    module; the interpreter needs only pyroute2, PyYAML and scapy.
 author: ipmasq.gateway developers (@ipmasq)
 options:
   prefix:
@@ -103,7 +103,7 @@ attributes:
     platforms: posix
     description: Runs on the machine that hosts the lab namespaces.
 requirements:
-  - the C(ipmasq_lab) package (this collection's lab harness) and scapy
+  - pyroute2, PyYAML and scapy on the target's Python (the lab harness itself ships with the module)
   - root, for network namespaces
 notes:
   - An identity server answers each TCP connection or UDP datagram with one JSON line
@@ -270,8 +270,8 @@ import traceback
 from ansible.module_utils.basic import AnsibleModule, missing_required_lib
 
 try:
-    from ipmasq_lab import probes
-    from ipmasq_lab.lab import Lab
+    from ansible_collections.ipmasq.gateway.plugins.module_utils.lab import probes
+    from ansible_collections.ipmasq.gateway.plugins.module_utils.lab.lab import Lab
 except ImportError:
     HAS_IPMASQ_LAB = False
     IPMASQ_LAB_IMPORT_ERROR = traceback.format_exc()
@@ -353,8 +353,8 @@ def main():
         supports_check_mode=True,
     )
     if not HAS_IPMASQ_LAB:
-        module.fail_json(msg=missing_required_lib("ipmasq_lab (this collection's lab "
-                                                  "harness, with scapy)"),
+        module.fail_json(msg=missing_required_lib("pyroute2, PyYAML and scapy (the lab "
+                                                  "harness's libraries)"),
                          exception=IPMASQ_LAB_IMPORT_ERROR)
     p = module.params
     kind = p["kind"]

@@ -18,13 +18,14 @@ description:
     prefix is up with the same spec, nothing changes. If it is up with a different spec,
     or only partly exists, it is torn down and rebuilt. Without O(prefix) every run
     builds a new lab with a fresh random prefix (returned in RV(prefix)).
-  - Runs where the lab lives (usually C(localhost)), as root, with an interpreter that
-    can import C(ipmasq_lab) and pyroute2.
-  - The same labs can be handled with the C(ipmasq-lab) CLI (C(ipmasq-lab list),
-  - A host of C(kind: debian) is a Debian system booted with systemd in its namespace
+  - Runs where the lab lives (usually C(localhost)), as root. The harness ships with the
+    module; the interpreter needs only pyroute2 and PyYAML.
+  - A shipped topology name in O(spec) is read from the collection on the controller.
+  - A host whose C(kind) is C(debian) is a Debian system booted with systemd in its namespace
     (C(docs/hosts.md)); RV(hosts) then gives its SSH address, the lab's key and the
     inventory variables that reach it (C(ansible)). The lab counts as up only while
     every booted host runs.
+  - The same labs can be handled with the C(ipmasq-lab) CLI (C(ipmasq-lab list),
     C(ipmasq-lab down PREFIX)) and from Python (C(ipmasq_lab.Lab.attach(prefix))).
 author: ipmasq.gateway developers (@ipmasq)
 options:
@@ -56,7 +57,7 @@ notes:
     including processes started inside the lab's namespaces.
   - Lab state is recorded under C(/run/ipmasq-lab/<prefix>.json).
 requirements:
-  - The C(ipmasq_lab) package of this collection, with pyroute2 and PyYAML.
+  - pyroute2 and PyYAML on the target's Python (the lab harness itself ships with the module).
   - Root, on a Linux kernel with veth and bridge support.
 """
 
@@ -130,10 +131,12 @@ import traceback
 from ansible.module_utils.basic import AnsibleModule, missing_required_lib
 
 try:
-    from ipmasq_lab import booted_host, registry, topology
-    from ipmasq_lab.errors import LabError, LabSpecError
-    from ipmasq_lab.lab import Lab
-    from ipmasq_lab.spec import load_and_validate
+    import pyroute2  # noqa: F401  (the harness's libraries: a clear error when missing)
+    import yaml  # noqa: F401
+    from ansible_collections.ipmasq.gateway.plugins.module_utils.lab import booted_host, registry, topology
+    from ansible_collections.ipmasq.gateway.plugins.module_utils.lab.errors import LabError, LabSpecError
+    from ansible_collections.ipmasq.gateway.plugins.module_utils.lab.lab import Lab
+    from ansible_collections.ipmasq.gateway.plugins.module_utils.lab.spec import load_and_validate
 except ImportError:
     HAS_IPMASQ_LAB = False
     IPMASQ_LAB_IMPORT_ERROR = traceback.format_exc()
@@ -193,8 +196,8 @@ def main():
         supports_check_mode=True,
     )
     if not HAS_IPMASQ_LAB:
-        module.fail_json(msg=missing_required_lib("ipmasq_lab (this collection's lab "
-                                                  "harness, with pyroute2 and PyYAML)"),
+        module.fail_json(msg=missing_required_lib("pyroute2 and PyYAML (the lab "
+                                                  "harness's libraries)"),
                          exception=IPMASQ_LAB_IMPORT_ERROR)
     params = module.params
     try:

@@ -1,0 +1,1 @@
+../../../ipmasq_lab/__init__.py

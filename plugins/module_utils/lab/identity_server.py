@@ -1,0 +1,1 @@
+../../../ipmasq_lab/identity_server.py

@@ -1,0 +1,1 @@
+../../../ipmasq_lab/probe_agent.py

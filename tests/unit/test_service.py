@@ -294,3 +294,23 @@ def test_bad_multi_table_set_names_the_field_and_changes_nothing(svc, tables, fi
 def test_tables_and_table_together_are_refused(svc):
     resp = svc.handle({"op": "set", "table": "portfw", "tables": {"portfw": []}})
     assert not resp["ok"] and resp["error"]["field"] == "tables"
+
+
+def test_a_restart_continues_an_mfw_schedule_where_the_kernel_stood(tmp_path):
+    nft = FakeNftables()
+    svc = Service(str(tmp_path / "state"), nft=nft)
+    svc.start()
+    backends = [{"address": "10.16.0.3", "port": None, "pref": 3}, {"address": "10.16.0.4", "port": None, "pref": 2}]
+    ok(svc, op="set", table="mfw", entries=[{"mark": 1, "backends": backends}])
+    nft.rule_counters = {"mfw_1": [2, 0]}  # 2 of .3's 3 connections taken
+    again = Service(str(tmp_path / "state"), nft=nft)
+    again.start()  # reads the counters, rebuilds the cascade rotated: .3 x1, .4 x2, .3 x2
+    rules = nft.chains["mfw_1"].rules
+    assert rules[0].endswith('dnat ip to 10.16.0.3 comment "phase 2"') and "mod 5 < 1 " in rules[0]
+    assert "mod 4 < 2 " in rules[1] and rules[1].endswith("dnat ip to 10.16.0.4")
+    assert rules[2] == "counter dnat ip to 10.16.0.3"
+    nft.rule_counters = {"mfw_1": [1, 0, 0]}  # one more to .3: the head is .4 with its 2 left
+    (entry,) = ok(again, op="list", table="mfw")["result"]["entries"]
+    assert [(b["address"], b["head"], b["pcnt"]) for b in entry["backends"]] == [
+        ("10.16.0.3", False, 3), ("10.16.0.4", True, 2)]
+    assert [b["connections"] for b in entry["backends"]] == [1, 0]

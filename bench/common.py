@@ -29,6 +29,28 @@ GATEWAY_IN = "10.16.0.1"
 CLIENT = "198.51.100.10"
 SERVER = "10.16.0.10"
 
+# A client that opens a TCP connection every 5 ms for argv[3] seconds to argv[1]:argv[2]
+# (an identity server answers with its host name) and prints
+# [[started, answered, host or None], ...] on CLOCK_MONOTONIC (one clock for every namespace).
+PROBER = r"""
+import json, socket, sys, time
+end = time.monotonic() + float(sys.argv[3])
+out = []
+while time.monotonic() < end:
+    t = time.monotonic()
+    try:
+        s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=0.5)
+        s.settimeout(0.5)
+        data = s.recv(512)
+        s.close()
+        out.append([t, time.monotonic(), json.loads(data.decode())["host"]])
+    except (OSError, ValueError, KeyError):
+        out.append([t, time.monotonic(), None])
+    time.sleep(0.005)
+print(json.dumps(out))
+"""
+
+
 CLIENT_SYSCTLS = {
     # Many short connections from one client: reuse TIME_WAIT ports, use a wide range.
     "net.ipv4.tcp_tw_reuse": 1,

@@ -23,23 +23,6 @@ from bench import common
 from bench.common import GATEWAY_OUT, SERVER, log, median
 
 PORT = 8000
-PROBER = r"""
-import json, socket, sys, time
-end = time.monotonic() + float(sys.argv[3])
-out = []
-while time.monotonic() < end:
-    t = time.monotonic()
-    try:
-        s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=0.5)
-        s.settimeout(0.5)
-        data = s.recv(512)
-        s.close()
-        out.append([t, time.monotonic(), json.loads(data.decode())["host"]])
-    except (OSError, ValueError, KeyError):
-        out.append([t, time.monotonic(), None])
-    time.sleep(0.005)
-print(json.dumps(out))
-"""
 
 
 def _entries(count):
@@ -89,7 +72,7 @@ def run(quick=False):
         common.wait_port(lab, "gateway", SERVER, PORT)
         prober = os.path.join(work, "prober.py")
         with open(prober, "w") as f:
-            f.write(PROBER)
+            f.write(common.PROBER)
         agent = common.Agent(lab, "gateway", work)
         agent.start()
         for size in sizes:

@@ -22,23 +22,6 @@ from bench.common import GATEWAY_OUT, log, median
 MARK, PORT = 7, 8000
 SERVERS = {"server": "10.16.0.10", "server2": "10.16.0.11"}
 
-PROBER = r"""
-import json, socket, sys, time
-end = time.monotonic() + float(sys.argv[3])
-out = []
-while time.monotonic() < end:
-    t = time.monotonic()
-    try:
-        s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=0.5)
-        s.settimeout(0.5)
-        data = s.recv(512)
-        s.close()
-        out.append([t, time.monotonic(), json.loads(data.decode())["host"]])
-    except (OSError, ValueError, KeyError):
-        out.append([t, time.monotonic(), None])
-    time.sleep(0.005)
-print(json.dumps(out))
-"""
 
 
 def run(quick=False):
@@ -58,7 +41,7 @@ def run(quick=False):
         servers = {h: _identity(lab, h) for h in SERVERS}
         prober = os.path.join(work, "prober.py")
         with open(prober, "w") as f:
-            f.write(PROBER)
+            f.write(common.PROBER)
         inv = os.path.join(work, "inv.ini")
         with open(inv, "w") as f:
             f.write("gw ansible_host=%s ansible_connection=ipmasq.gateway.netns ansible_python_interpreter=%s\n"

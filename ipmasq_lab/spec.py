@@ -50,7 +50,7 @@ PER_INTERFACE_SYSCTLS = ("net.ipv4.conf.", "net.ipv6.conf.", "net.ipv4.neigh.", 
 TOP_KEYS = ("name", "description", "hosts", "links", "bridges")
 HOST_KEYS = ("interfaces", "routes", "sysctls") + BOOTED_KEYS  # kind: docs/hosts.md
 INTERFACE_KEYS = ("addresses",)
-ROUTE_KEYS = ("to", "via", "dev", "family")
+ROUTE_KEYS = ("to", "via", "dev", "family", "virtual")
 
 
 # ---------------------------------------------------------------------------------
@@ -306,6 +306,13 @@ def _validate_route(host, route, path, hosts, owner_of, segment_of):
         raise LabSpecError(path + ".family", declared, "family %s does not match 'via' %s"
                            % (declared, via))
     owner = owner_of.get(gw)
+    if route.get("virtual") is True and owner is None:
+        # A virtual address (VRRP, docs/ha.md): no host holds it in the spec, a daemon
+        # moves it between hosts; it must still be on one of this host's networks.
+        if not any(gw in a.network for iface in interfaces.values() for a in iface["addresses"]):
+            raise LabSpecError(path + ".via", via, "virtual %s is not on a network of %s's "
+                               "interfaces" % (via, host))
+        return {"to": to, "via": str(gw), "dev": dev, "family": gw.version, "virtual": True}
     if owner is None:
         raise LabSpecError(path + ".via", via, "%s is not an address of any lab interface; "
                            "a lab route only points at lab hosts" % via)

@@ -8,6 +8,7 @@ cd "$repo"
 
 debs=(nftables libnftables1 iproute2 conntrack socat iperf3 iputils-ping procps python3 python3-venv shellcheck systemd-container debootstrap openssh-client
       keepalived conntrackd)   # HA pairs (docs/ha.md): installed, never started here
+debs+=(prometheus)   # promtool and the lab's Prometheus server (docs/metrics.md): never started here
 missing=()
 for pkg in "${debs[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed' || missing+=("$pkg")

@@ -52,28 +52,33 @@ class Ruleset:
 
     `phases` {fid: connections into the cycle} holds the schedules that were rebuilt
     mid-cycle (a restart or re-sync continues them, see `rotate`); a fragment that is
-    replaced starts its schedule afresh."""
+    replaced starts its schedule afresh.
 
-    def __init__(self, fragments=None, portfw=None, phases=None):
+    `down` {fid: frozenset of (address, port)}: the backends health checks found down
+    (runtime state, docs/health.md); they are left out of the key's schedule."""
+
+    def __init__(self, fragments=None, portfw=None, phases=None, down=None):
         self.fragments = fragments or {}
         self.portfw = portfw if portfw is not None else {}
         self.phases = phases or {}
+        self.down = down or {}
 
     def fragment(self, fid):
         frag = self.fragments.get(fid)
         if frag is None:
             entry = self.portfw.get(fid[1]) if _is_portfw(fid) else None
-            return EMPTY if entry is None else portfw_fragment(entry, self.phases.get(fid, 0))
+            return EMPTY if entry is None else portfw_fragment(entry, self.phases.get(fid, 0), self.down.get(fid))
         return frag
 
     def portfw_items(self, key):
         entry = self.portfw.get(key)
-        return None if entry is None else portfw_items(entry, self.phases.get(("portfw", key), 0))
+        fid = ("portfw", key)
+        return None if entry is None else portfw_items(entry, self.phases.get(fid, 0), self.down.get(fid))
 
-    def replace(self, changes, portfw=None, touched=()):
+    def replace(self, changes, portfw=None, touched=(), down=None):
         """A new Ruleset with some fragments replaced (None removes one) and, when
-        given, another PORTFW table. Fragments in `changes` and the fids `touched`
-        lose their phase."""
+        given, another PORTFW table and `down` map. Fragments in `changes` and the fids
+        `touched` lose their phase."""
         fragments = dict(self.fragments)
         table = self.portfw if portfw is None else portfw
         phases = self.phases
@@ -89,7 +94,7 @@ class Ruleset:
                 fragments.pop(fid, None)
             else:
                 fragments[fid] = frag
-        return Ruleset(fragments, table, phases)
+        return Ruleset(fragments, table, phases, self.down if down is None else down)
 
     def fids(self):
         return set(self.fragments) | {("portfw", key) for key in self.portfw}
@@ -111,9 +116,11 @@ class Ruleset:
         return chains, maps, elements
 
     def _portfw_objects(self, chains, elements):
-        phases = self.phases
+        phases, down = self.phases, self.down
         for key, entry in self.portfw.items():
-            name, key, value, chain = portfw_items(entry, phases.get(("portfw", key), 0) if phases else 0)
+            fid = ("portfw", key)
+            name, key, value, chain = portfw_items(entry, phases.get(fid, 0) if phases else 0,
+                                                   down.get(fid) if down else None)
             elements.setdefault(name, {})[key] = value
             if chain is not None:
                 chains[chain.name] = chain
@@ -203,7 +210,7 @@ def diff(old, new, fids=None):
     for fid in fids:
         if _is_portfw(fid) and fid not in old.fragments and fid not in new.fragments:
             a, b = old.portfw.get(fid[1]), new.portfw.get(fid[1])
-            if a is not b or old.phases.get(fid) != new.phases.get(fid):
+            if a is not b or old.phases.get(fid) != new.phases.get(fid) or old.down.get(fid) != new.down.get(fid):
                 _portfw_diff(old.portfw_items(fid[1]), new.portfw_items(fid[1]),
                              add_chains, rules, del_elems, add_elems, del_chains)
             continue
@@ -444,24 +451,55 @@ def portfw_chain_name(key):
     return "pf_" + digest
 
 
-def portfw_items(entry, phase=0):
+def live_backends(entry, order, down):
+    """The backends of `order` (an entry's backends in list order) that stay in the
+    schedule when those in `down` {(address, port)} are down (docs/health.md). All
+    down: every backend (all_down forward, the default: degrade rather than vanish),
+    the `fallback` backend (all_down fallback), or [] (all_down reject)."""
+    if not down:
+        return order
+    live = [b for b in order if (b["address"], b["port"]) not in down]
+    if live:
+        return live
+    mode = entry.get("all_down", "forward")
+    if mode == "fallback":
+        return [dict(entry["fallback"], pref=1)]
+    return [] if mode == "reject" else order
+
+
+def reject_rules(protocol=None):
+    """A key whose backends are all down with all_down reject: TCP gets a reset, UDP
+    (and anything else) an ICMP port unreachable, at once instead of a timeout."""
+    tcp = "meta l4proto tcp reject with tcp reset"
+    if protocol == "tcp":
+        return (tcp,)
+    if protocol == "udp":
+        return ("reject",)
+    return (tcp, "reject")
+
+
+def portfw_items(entry, phase=0, down=None):
     """What one PORTFW key renders to: (map name, element key, element value, Chain or
     None). A single-target key is one `portfw_direct_*` element; a cascade is a chain
-    and a verdict-map element that jumps to it (its schedule `phase` connections in)."""
+    and a verdict-map element that jumps to it (its schedule `phase` connections in).
+    `down`: backends health checks took out of the schedule."""
     laddr, proto = entry["local_address"], entry["protocol"]
     suffix = "v6" if ":" in laddr else "v4"
     elem_key = "%s . %s . %d" % (laddr, proto, entry["local_port"])
-    how, target = schedule(entry["backends"])
+    backends = live_backends(entry, entry["backends"], down)
+    name = portfw_chain_name((proto, laddr, entry["local_port"]))
+    if not backends:
+        return ("portfw_" + suffix, elem_key, "goto " + name, Chain(name, None, reject_rules(proto)))
+    how, target = schedule(backends)
     if how == "single":
         return ("portfw_direct_" + suffix, elem_key, "%s . %d" % (target["address"], target["port"]), None)
-    name = portfw_chain_name((proto, laddr, entry["local_port"]))
     match = "meta l4proto " + proto
     chain = Chain(name, None, tuple(cascade_rules(target, lambda b: match, phase)))
     return ("portfw_" + suffix, elem_key, "goto " + name, chain)
 
 
-def portfw_fragment(entry, phase=0):
-    name, key, value, chain = portfw_items(entry, phase)
+def portfw_fragment(entry, phase=0, down=None):
+    name, key, value, chain = portfw_items(entry, phase, down)
     return Fragment(chains=() if chain is None else (chain,), elements={name: {key: value}})
 
 
@@ -478,8 +516,12 @@ def mfw_chain_name(mark):
     return "mfw_%d" % mark
 
 
-def mfw_fragment(entry, head=None, phase=0):
-    order = mfw_order(entry, head)
+def mfw_fragment(entry, head=None, phase=0, down=None):
+    order = live_backends(entry, mfw_order(entry, head), down)
+    name = mfw_chain_name(entry["mark"])
+    if not order:
+        return Fragment(chains=[Chain(name, None, reject_rules())],
+                        elements={"mfw_marks": {str(entry["mark"]): "goto " + name}})
     how, target = schedule(order)
 
     def match(backend):  # dnat to a port needs l4
@@ -489,7 +531,6 @@ def mfw_fragment(entry, head=None, phase=0):
         rules = cascade_rules([target], match)
     else:
         rules = cascade_rules(target, match, phase)
-    name = mfw_chain_name(entry["mark"])
     return Fragment(chains=[Chain(name, None, tuple(rules))],
                     elements={"mfw_marks": {str(entry["mark"]): "goto " + name}})
 
@@ -712,8 +753,9 @@ def masquerade_fragment(entries):
     return Fragment(chains=chains, maps=maps + [objects[k] for k in sorted(objects)])
 
 
-def fragment_for(table, key, tables, mfw_heads):
-    """The fragment id and Fragment that entry `key` of `table` renders to."""
+def fragment_for(table, key, tables, mfw_heads, down=None):
+    """The fragment id and Fragment that entry `key` of `table` renders to (`down`:
+    the Ruleset's map of backends that health checks took out)."""
     if table in ("marks", "masquerade"):
         entries = list(tables[table].values())
         frag = marks_fragment(entries) if table == "marks" else masquerade_fragment(entries)
@@ -727,12 +769,14 @@ def fragment_for(table, key, tables, mfw_heads):
     if table == "autofw":
         frag = autofw_fragment(entry)
         return fid, None if frag == EMPTY else frag
-    return fid, mfw_fragment(entry, mfw_heads.get(key))
+    return fid, mfw_fragment(entry, mfw_heads.get(key), 0, (down or {}).get(fid))
 
 
-def render(tables, mfw_heads=None, phases=None):
+def render(tables, mfw_heads=None, phases=None, down=None):
     """The whole Ruleset of a state (`tables`: name -> {key: entry}; the PORTFW dict is
-    referenced, not copied), with the schedules of `phases` {fid: phase} continued."""
+    referenced, not copied), with the schedules of `phases` {fid: phase} continued and
+    the backends of `down` {fid: {(address, port)}} out of their schedules."""
+    down = {fid: d for fid, d in (down or {}).items() if d}
     mfw_heads = mfw_heads or {}
     phases = {fid: p for fid, p in (phases or {}).items() if p}
     fragments = {"base": base_fragment()}
@@ -744,5 +788,6 @@ def render(tables, mfw_heads=None, phases=None):
     if control is not EMPTY:
         fragments["autofw_control"] = control
     for key, entry in tables.get("mfw", {}).items():
-        fragments[("mfw", key)] = mfw_fragment(entry, mfw_heads.get(key), phases.get(("mfw", key), 0))
-    return Ruleset(fragments, tables.get("portfw", {}), phases)
+        fragments[("mfw", key)] = mfw_fragment(entry, mfw_heads.get(key), phases.get(("mfw", key), 0),
+                                               down.get(("mfw", key)))
+    return Ruleset(fragments, tables.get("portfw", {}), phases, down)

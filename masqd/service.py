@@ -46,6 +46,9 @@ class Service:
         self._mfw_heads = {}
         self._revision = 0
         self._ruleset = None
+        # Backends health checks found down: {(table, key): frozenset((address, port))}.
+        # Runtime only (docs/health.md): never persisted, empty after a restart.
+        self._down = {}
         # AUTOFW control-port detection: who receives each range (runtime only).
         self.autofw = autofw_runtime.AutofwRecipients(self._kernel, self._now)
         self.watchers = {}  # name -> running watcher (masqd.watchers), for status
@@ -59,6 +62,11 @@ class Service:
 
     def _now(self):
         return self.clock()  # looked up at each call: tests replace the clock
+
+    @property
+    def health(self):
+        """The health-check watcher (masqd.watchers.health), if one runs."""
+        return self.watchers.get("health")
 
     @property
     def watcher(self):
@@ -107,7 +115,7 @@ class Service:
         address-pool bindings (from the kernel, else from the last verification's reading)."""
         previous = self._ruleset
         phases = self._carried_phases(kernel, deleted_rules or {})
-        ruleset = render.render(self._tables, self._mfw_heads, phases)
+        ruleset = render.render(self._tables, self._mfw_heads, phases, self._down)
         txn = render.full_sync(ruleset)
         carried = self.autofw.carried(self._tables["autofw"], kernel)
         bindings = self._carried_pool_bindings(ruleset, kernel)
@@ -140,13 +148,17 @@ class Service:
 
     def _cascades(self):
         """(fid, chain name, backends in schedule order) of every multi-backend schedule."""
+        down = self._down
         for key, entry in self._tables["portfw"].items():
             if len(entry["backends"]) > 1:
-                how, order = render.schedule(entry["backends"])
+                live = render.live_backends(entry, entry["backends"], down.get(("portfw", key)))
+                how, order = render.schedule(live) if live else ("reject", None)
                 if how == "cascade":
                     yield ("portfw", key), render.portfw_chain_name(key), order
         for mark, entry in self._tables["mfw"].items():
-            how, order = render.schedule(render.mfw_order(entry, self._mfw_heads.get(mark)))
+            live = render.live_backends(entry, render.mfw_order(entry, self._mfw_heads.get(mark)),
+                                        down.get(("mfw", mark)))
+            how, order = render.schedule(live) if live else ("reject", None)
             if how == "cascade":
                 yield ("mfw", mark), render.mfw_chain_name(mark), order
 
@@ -295,8 +307,27 @@ class Service:
             return self.autofw.runtime(key, entry, counters[2], None if watcher is None else watcher.running)
         elif table in _BACKEND_TABLES:
             entry["backends"] = backend_runtime(table, entry, self._mfw_heads.get(key), *counters[:2],
-                                                phase=self._ruleset.phases.get((table, key), 0))
+                                                phase=self._ruleset.phases.get((table, key), 0),
+                                                down=self._ruleset.down.get((table, key)))
+            if model.checked(entry):
+                self._health_runtime(table, key, entry)
         return entry
+
+    def _health_runtime(self, table, key, entry):
+        """Each checked backend's `health` (state, since, last error) for listings."""
+        health = self.health
+        down = self._ruleset.down.get((table, key), ())
+        for b in entry["backends"]:
+            if "check" not in b:
+                continue
+            state = health.state_of(table, key, b["address"], b["port"]) if health is not None else None
+            if state is None:
+                state = {"state": "down" if (b["address"], b["port"]) in down else "unknown",
+                         "since": None, "last_error": None,
+                         "checker": "running" if health is not None and health.running else "not running"}
+            b["health"] = state
+        if down and len(down) >= len(entry["backends"]) and entry.get("all_down", "forward") != "forward":
+            entry["all_down_active"] = entry.get("all_down")
 
     # --- writes -------------------------------------------------------------------------
 
@@ -512,9 +543,11 @@ class Service:
             return False
         return self._commit(changes, heads, None)
 
-    def _render_changes(self, changes, heads):
+    def _render_changes(self, changes, heads, down=None):
         """The Ruleset after `changes` ({table: (new table, keys)}) and the fragment ids
-        they touch, in order (a list: the transaction's text follows the keys' order)."""
+        they touch, in order (a list: the transaction's text follows the keys' order).
+        `down`: the health map to render with (default: the current one)."""
+        down = self._down if down is None else down
         tables = dict(self._tables)
         for table, (new_table, _keys) in changes.items():
             tables[table] = new_table
@@ -525,16 +558,19 @@ class Service:
                 portfw = new_table
                 continue
             for key in [None] if table in _WHOLE_TABLE_FRAGMENTS else keys:
-                fid, frag = render.fragment_for(table, key, tables, heads)
+                fid, frag = render.fragment_for(table, key, tables, heads, down)
                 fragments[fid] = frag
             if table == "autofw":
                 fragments["autofw_control"] = render.autofw_control_fragment(new_table.values())
-        return self._ruleset.replace(fragments, portfw=portfw, touched=fids), fids
+        return self._ruleset.replace(fragments, portfw=portfw, touched=fids, down=down), fids
 
-    def _commit(self, changes, heads, record):
+    def _commit(self, changes, heads, record, down=None):
         """Apply and persist `changes` ({table: (new table, keys)}) in one transaction.
-        `record` is the journal record of a one-table change, or None for a snapshot."""
-        new_rs, fids = self._render_changes(changes, heads)
+        `record` is the journal record of a one-table change, or None for a snapshot.
+        `down`: a new health map (health_changed); either way, backends whose check
+        went away or changed leave it."""
+        down = self._down_after(changes, self._down if down is None else down)
+        new_rs, fids = self._render_changes(changes, heads, down)
         txn = render.diff(self._ruleset, new_rs, fids)
         field = "entries" if record is None else "entry"
         if record is None and len(changes) > 1:
@@ -561,6 +597,7 @@ class Service:
                                   "message": "could not persist the state, change rolled back: %s" % exc})
         old_autofw = self._tables["autofw"]
         self._tables, self._mfw_heads, self._revision, self._ruleset = tables, heads, revision, new_rs
+        self._down = down
         if "autofw" in changes:
             new_autofw = changes["autofw"][0]
             self.autofw.forget(old_autofw, [k for k in changes["autofw"][1] if old_autofw.get(k) != new_autofw.get(k)])
@@ -588,6 +625,85 @@ class Service:
             self.nft.apply(render.diff(new_rs, self._ruleset, fids))
         except NftError:
             self.nft.apply(render.full_sync(self._ruleset))
+
+    # --- health checks (fed by masqd.watchers.health, docs/health.md) -------------------
+
+    def health_targets(self):
+        """{(table, key, address, port): check} of every checked backend (lock-free:
+        tables are swapped whole, never mutated)."""
+        tables = self._tables
+        out = {}
+        for table in _BACKEND_TABLES:
+            for key, entry in tables[table].items():
+                for b in entry["backends"]:
+                    check = b.get("check")
+                    if check is not None:
+                        out[(table, key, b["address"], b["port"])] = check
+        return out
+
+    def health_changed(self, table, key, address, port, up):
+        """A checked backend went down (`fall` failures) or up (`rise` successes):
+        re-render its key over the live backends, in one transaction. An mfw pref-0
+        list whose serving backend went down moves its head to the next live backend
+        (as `schedule` would, persisted like it); without `failback` a recovering
+        backend does not take over again. Returns the entry's flush_on_down when the
+        change was applied (the caller flushes conntrack), None if nothing changed."""
+        with self._lock, _bulk_allocation():
+            if self._ruleset is None:
+                return None
+            entry = self._tables[table].get(key)
+            if entry is None or not any(b["address"] == address and b["port"] == port and "check" in b
+                                        for b in entry["backends"]):
+                return None  # the configuration moved on since the check started
+            fid, member = (table, key), (address, port)
+            cur = self._down.get(fid, frozenset())
+            new = cur - {member} if up else cur | {member}
+            if new == cur:
+                return None
+            down = dict(self._down)
+            if new:
+                down[fid] = frozenset(new)
+            else:
+                down.pop(fid, None)
+            heads = self._mfw_heads
+            if table == "mfw" and not entry.get("failback"):
+                heads = _failover_heads(heads, key, entry, cur, new)
+            started = self.clock()
+            if heads is not self._mfw_heads:
+                self._commit({"mfw": (self._tables["mfw"], [key])}, heads, {"put": [], "delete": []}, down)
+            else:
+                new_rs, fids = self._render_changes({table: (self._tables[table], [key])}, heads, down)
+                self._apply(render.diff(self._ruleset, new_rs, fids), new_rs, "health")
+                self._ruleset, self._down = new_rs, down
+            log.info("health: %s %s backend %s port %s %s (%.1f ms to re-render)", table, key, address, port,
+                     "up" if up else "down", (self.clock() - started) * 1000)
+            return bool(entry.get("flush_on_down"))
+
+    def _down_after(self, changes, down):
+        """The health map after `changes`: a backend leaves it when it, or its check,
+        is no longer in its key's entry (a re-added backend starts unknown)."""
+        if not down:
+            return down
+        out = down
+        for table in _BACKEND_TABLES:
+            if table not in changes:
+                continue
+            new_table, keys = changes[table]
+            for key in keys:
+                fid = (table, key)
+                if fid not in down:
+                    continue
+                old_e, new_e = self._tables[table].get(key), new_table.get(key)
+                keep = frozenset(m for m in down[fid]
+                                 if _check_of(new_e, m) is not None and _check_of(new_e, m) == _check_of(old_e, m))
+                if keep != down[fid]:
+                    if out is down:
+                        out = dict(down)
+                    if keep:
+                        out[fid] = keep
+                    else:
+                        del out[fid]
+        return out
 
     # --- AUTOFW control-port detection (fed by masqd.watchers.conntrack) ----------------
 
@@ -720,6 +836,43 @@ def _kernel_error(field, exc):
     return {"field": field, "value": None, "message": "the kernel refused the change: %s" % exc}
 
 
+def _check_of(entry, member):
+    """The check of backend `member` (address, port) of an entry, or None."""
+    if entry is None:
+        return None
+    for b in entry["backends"]:
+        if (b["address"], b["port"]) == member:
+            return b.get("check")
+    return None
+
+
+def _serving(entry, order, down):
+    """The backend a pref-0 list sends everything to with `down` out, or None (a
+    cycling list, or every backend down)."""
+    live = [b for b in order if (b["address"], b["port"]) not in down]
+    if not live:
+        return None
+    how, target = render.schedule(live)
+    return target if how == "single" else None
+
+
+def _failover_heads(heads, mark, entry, before_down, after_down):
+    """mfw heads after a health change without failback: the serving backend of a
+    pref-0 list changes only when it goes down (the next live one becomes head, as
+    `schedule` would); a backend coming back does not take over."""
+    order = render.mfw_order(entry, heads.get(mark))
+    before, after = _serving(entry, order, before_down), _serving(entry, order, after_down)
+    if before is None or after is None or before is after:
+        return heads
+    target = after if (before["address"], before["port"]) in after_down else before
+    head = {"address": target["address"], "port": target["port"]}
+    if heads.get(mark) == head:
+        return heads
+    heads = dict(heads)
+    heads[mark] = head
+    return heads
+
+
 def _merge_backends(current, entry, at_head):
     have = {(b["address"], b["port"]) for b in current["backends"]}
     families = {":" in b["address"] for b in current["backends"]}
@@ -769,9 +922,9 @@ def current_head(order, chain_counts, phase=0):
     return _cascade_view(order, phase, chain_counts)[0]
 
 
-def backend_runtime(table, entry, head, rule_counters, element_counters, phase=0):
+def backend_runtime(table, entry, head, rule_counters, element_counters, phase=0, down=None):
     """Backends (configured order) with pcnt, connections and head, like the seed's
-    /proc/net/ip_masq/portfw listing."""
+    /proc/net/ip_masq/portfw listing. `down`: backends out of the schedule (health)."""
     if table == "portfw":
         order = entry["backends"]
         fam = "v6" if ":" in entry["local_address"] else "v4"
@@ -780,6 +933,9 @@ def backend_runtime(table, entry, head, rule_counters, element_counters, phase=0
     else:
         order = render.mfw_order(entry, head)
         chain = render.mfw_chain_name(entry["mark"])
+    order = render.live_backends(entry, order, down)
+    if not order:  # all down, all_down reject
+        return [dict(b, pcnt=0, connections=0, head=False) for b in entry["backends"]]
     how, target = render.schedule(order)
     conns, pcnt = {}, {}
     if how == "single":
@@ -795,7 +951,10 @@ def backend_runtime(table, entry, head, rule_counters, element_counters, phase=0
         pcnt = {id(head_b): pcnt[id(head_b)]}
     out = []
     for b in entry["backends"]:
-        src = next(o for o in order if o["address"] == b["address"] and o["port"] == b["port"])
+        src = next((o for o in order if o["address"] == b["address"] and o["port"] == b["port"]), None)
+        if src is None:  # down: out of the schedule (or all down, to the fallback)
+            out.append(dict(b, pcnt=b["pref"], connections=0, head=False))
+            continue
         out.append(dict(b, pcnt=pcnt.get(id(src), b["pref"]), connections=conns.get(id(src), 0),
                         head=src is head_b))
     return out

@@ -22,6 +22,7 @@ Standard library only (shared with module_utils through legacy_import).
 """
 
 from __future__ import annotations
+from typing import Any, Dict, List, Optional
 
 from . import ipmasqadm, legacy_import
 
@@ -45,14 +46,14 @@ def looks_like(text: str) -> bool:
 class _Rule:
     """One `-A CHAIN ...` line, read into its parts."""
 
-    def __init__(self, words: list = None):
-        self.chain = None
-        self.target = None
-        self.target_options = {}
-        self.criteria = []
+    def __init__(self, words: Optional[list] = None):
+        self.chain: Optional[str] = None
+        self.target: Optional[str] = None
+        self.target_options: Dict[str, Any] = {}
+        self.criteria: List[Any] = []
         self.interface_in = self.interface_out = None
         self.mark = None
-        self.statistic = {}
+        self.statistic: Dict[str, Any] = {}
         self.comment = None
         if words is not None:
             self._read(words)
@@ -103,7 +104,7 @@ class _Rule:
         if self.chain is None:
             raise ValueError("only -A CHAIN rules are read")
 
-    def option(self, name: str) -> str:
+    def option(self, name: str) -> Optional[str]:
         return self.target_options.get(name)
 
 
@@ -197,9 +198,9 @@ def translate_rules(rules, skip_unknown: bool = False, lookup=None) -> legacy_im
     Shared by the iptables-save and the nft ruleset readers."""
     result = legacy_import.Result()
     tables = legacy_import.Tables(result)
-    marks = []           # mangle MARK rules, applied last and in reverse (last match wins)
-    round_robin = {}     # portfw key -> [(every, source)] of the nth idiom
-    pending = []         # (argv, source) in order, marks aside
+    marks: List[Any] = []             # mangle MARK rules, applied last and in reverse (last match wins)
+    round_robin: Dict[Any, list] = {}  # portfw key -> [(every, source)] of the nth idiom
+    pending: List[Any] = []           # (argv, source) in order, marks aside
 
     def refuse(source, reason):
         if not skip_unknown:

@@ -164,7 +164,7 @@ class Tables:
             sources.append(source)
 
     def apply(self, request: dict, source) -> None:
-        op, table = request["op"], request.get("table")
+        op, table = request["op"], request.get("table") or ""
         if op == "schedule":
             raise ValueError("mfw -S forces scheduling at run time; it is not configuration")
         rows = self._table(table)
@@ -409,9 +409,9 @@ def translate(text: str, skip_unknown: bool = False, lookup=None, variables=None
     `skip_unknown` (then the line is recorded in Result.skipped and the rest carries on)."""
     from . import iptables_save, nft_ruleset  # the other sources; they build on this module
 
-    for source in (iptables_save, nft_ruleset):
-        if source.looks_like(text):
-            return source.translate(text, skip_unknown=skip_unknown, lookup=lookup)
+    for reader in (iptables_save, nft_ruleset):
+        if reader.looks_like(text):
+            return reader.translate(text, skip_unknown=skip_unknown, lookup=lookup)
     result = Result()
     tables = Tables(result)
     variables = dict(variables or {})

@@ -11,6 +11,7 @@ load as anything but strings. tests/unit/test_import.py loads the output with Py
 """
 
 from __future__ import annotations
+from typing import Any, List, Tuple
 
 import json
 import re
@@ -103,6 +104,6 @@ def export_document(tables: dict) -> str:
     from masqd.legacy_import import TABLE_VARIABLES, compact
 
     header = list(EXPORT_HEADER)
-    variables = [(name, [(compact(table, entry), []) for entry in tables.get(table, [])])
-                 for table, name in TABLE_VARIABLES]
+    variables: List[Tuple[str, List[Tuple[Any, List[Any]]]]] = [
+        (name, [(compact(table, entry), []) for entry in tables.get(table, [])]) for table, name in TABLE_VARIABLES]
     return document(variables, tuple(header))

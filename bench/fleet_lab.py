@@ -3,7 +3,14 @@ ONE run of playbooks/site.yml (the gateway role + each gateway's tables, the pro
 path: the role installs and starts masqd in every namespace), verified with real
 connections, then converged again, which must change nothing.
 
-    python -m bench.fleet_lab [--gateways 20] [--forks 10] [--serial 100%] [--timeout S] [--no-report]
+    python -m bench.fleet_lab [--gateways 20] [--forks 10] [--serial 100%] [--timeout S] [--repeat 3] [--no-report]
+
+Beside every fleet figure, Ansible's own floor measured in the same lab: one play with
+one ansible.builtin.ping per gateway, same inventory, connection and forks, run three
+times interleaved with the converges (before the first run, between, after the re-run);
+its median is the floor, and each figure is also given as a multiple of it. With
+--repeat R the whole lab is built R times and every figure is the median of the R
+(the machine is shared: medians, never a single sample).
 
 Per gateway I (0-based), all in one lab:
 
@@ -187,6 +194,33 @@ def converge(collections, inventory_path, extra, forks, timeout):
     return seconds, hosts
 
 
+FLOOR_PLAY = [{"name": "Ansible's floor: one ping per gateway", "hosts": "gateways",
+               "gather_facts": False, "tasks": [{"name": "Ping", "ansible.builtin.ping": {}}]}]
+
+
+def floor(collections, inventory_path, forks, timeout):
+    """Wall seconds of FLOOR_PLAY over the same inventory, connection and forks."""
+    play = os.path.join(os.path.dirname(inventory_path), "fleet-floor.yml")
+    if not os.path.exists(play):
+        with open(play, "w") as f:
+            yaml.safe_dump(FLOOR_PLAY, f, sort_keys=False)
+    argv = [os.path.join(common.VENV_BIN, "ansible-playbook"), "-i", inventory_path, play]
+    t0 = time.monotonic()
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=ansible_env(collections, forks), cwd=REPO, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except BaseException:
+        kill_tree(proc.pid)
+        proc.communicate()
+        raise
+    seconds = time.monotonic() - t0
+    hosts = recap(stdout)
+    if proc.returncode != 0 or not hosts or any(r.get("failed") or r.get("unreachable") for r in hosts.values()):
+        raise RuntimeError("floor play failed (rc %d):\n%s\n%s" % (proc.returncode, stdout[-2000:], stderr[-1000:]))
+    return seconds
+
+
 def probe(lab, i):
     """gwI's PORTFW and masquerade rule, with real connections (identity servers up)."""
     from ipmasq_lab import probes
@@ -232,8 +266,10 @@ def fleet_lab(n=DEFAULT_GATEWAYS, forks=10, serial=None, timeout=None):
                 probes.serve_identity(lab, "c%d" % i, CLIENT_PORT, lifetime=3 * timeout)
             servers_s = time.monotonic() - t
 
+            floors = [floor(collections, inv, forks, timeout)]
             first_s, first = converge(collections, inv, extra, forks, timeout)
             log("first run: %.1f s, changed %d", first_s, sum(r["changed"] for r in first.values()))
+            floors.append(floor(collections, inv, forks, timeout))
 
             t = time.monotonic()
             with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
@@ -243,6 +279,10 @@ def fleet_lab(n=DEFAULT_GATEWAYS, forks=10, serial=None, timeout=None):
 
             rerun_s, rerun = converge(collections, inv, extra, forks, timeout)
             log("re-run: %.1f s, changed %d", rerun_s, sum(r["changed"] for r in rerun.values()))
+            floors.append(floor(collections, inv, forks, timeout))
+            floor_s = common.median(floors)
+            log("floor (median of %s): %.2f s; first run %.1fx, re-run %.1fx",
+                ", ".join("%.2f" % x for x in floors), floor_s, first_s / floor_s, rerun_s / floor_s)
         finally:
             lab.down()   # kills every agent the role started in the lab's namespaces
             shutil.rmtree(files, ignore_errors=True)
@@ -258,8 +298,11 @@ def fleet_lab(n=DEFAULT_GATEWAYS, forks=10, serial=None, timeout=None):
                    "tables_per_gateway": "1 PORTFW key + 1 masquerade rule",
                    "probe": "%d connections cI -> gwI:%d (answered by sI, cI's address kept) + 1 "
                             "connection sI -> cI:%d (gwI's address seen)" % (PROBE_CONNECTIONS, PORT, CLIENT_PORT),
-                   "timing": "ansible-playbook wall time, start-up included; timeout %d s" % timeout},
-        "summary": {"first_s": first_s, "rerun_s": rerun_s,
+                   "timing": "ansible-playbook wall time, start-up included; timeout %d s" % timeout,
+                   "floor": "median of 3 runs of one play with one ansible.builtin.ping per gateway "
+                            "(same inventory, connection, forks), interleaved with the converges"},
+        "summary": {"first_s": first_s, "rerun_s": rerun_s, "floor_s": floor_s, "floor_samples_s": floors,
+                    "first_x_floor": first_s / floor_s, "rerun_x_floor": rerun_s / floor_s,
                     "per_gateway_first_s": first_s / n, "per_gateway_rerun_s": rerun_s / n,
                     "first_changed": sum(r["changed"] for r in first.values()),
                     "rerun_changed": sum(r["changed"] for r in rerun.values()),
@@ -276,6 +319,20 @@ def fleet_lab(n=DEFAULT_GATEWAYS, forks=10, serial=None, timeout=None):
     }
 
 
+def medians_of(runs):
+    """One document for R runs of fleet_lab(): every summary figure the median of the R,
+    the ratios the medians of each run's own ratio, targets true only when true in all."""
+    data = dict(runs[-1])
+    data["summary"] = dict((k, common.median([r["summary"][k] for r in runs]))
+                           for k, v in runs[-1]["summary"].items() if isinstance(v, (int, float)))
+    data["summary"]["floor_samples_s"] = [x for r in runs for x in r["summary"]["floor_samples_s"]]
+    data["runs"] = [r["summary"] for r in runs]
+    data["targets"] = dict((k, all(r["targets"][k] for r in runs)) for k in runs[-1]["targets"])
+    data["method"] = dict(runs[-1]["method"], repeats=len(runs),
+                          statistics="median over %d lab builds (shared 2-core machine)" % len(runs))
+    return data
+
+
 def run(quick=False):
     """bench.run's interface: 10 gateways in quick mode, else DEFAULT_GATEWAYS."""
     return fleet_lab(10 if quick else DEFAULT_GATEWAYS)
@@ -288,6 +345,7 @@ def main(argv=None):
     parser.add_argument("--serial", default=None,
                         help="rollout_serial for site.yml (e.g. 100%%); default: site.yml's own batches")
     parser.add_argument("--timeout", type=int, default=None, help="seconds per ansible-playbook run")
+    parser.add_argument("--repeat", type=int, default=1, help="build the lab this many times; figures are medians")
     parser.add_argument("--no-report", action="store_true", help="do not regenerate bench/REPORT.md")
     args = parser.parse_args(argv)
     if not 1 <= args.gateways <= MAX_GATEWAYS:
@@ -296,15 +354,20 @@ def main(argv=None):
         parser.error("--forks %d: must be at least 1" % args.forks)
     if os.geteuid() != 0:
         parser.error("must run as root (namespaces, nftables)")
+    if args.repeat < 1:
+        parser.error("--repeat %d: must be at least 1" % args.repeat)
     t0 = time.monotonic()
-    data = fleet_lab(args.gateways, args.forks, args.serial, args.timeout)
+    runs = [fleet_lab(args.gateways, args.forks, args.serial, args.timeout) for _ in range(args.repeat)]
+    data = medians_of(runs)
     data["wall_s"] = time.monotonic() - t0
     common.write_result("fleet_lab", False, data)
+    # A dated copy per fleet size, so the 10- and 40-gateway figures sit side by side.
+    common.write_result("fleet_lab-%dgw-%s" % (args.gateways, time.strftime("%Y%m%d", time.gmtime())), False, data)
     s = data["summary"]
-    print("fleet lab, %d gateways: first run %.1f s (%.2f s/gateway, changed %d), re-run %.1f s "
-          "(changed %d), probes ok %d/%d" % (args.gateways, s["first_s"], s["per_gateway_first_s"],
-                                             s["first_changed"], s["rerun_s"], s["rerun_changed"],
-                                             s["probes_ok"], args.gateways))
+    print("fleet lab, %d gateways (median of %d): first run %.1f s = %.1fx the floor, re-run %.1f s = %.1fx "
+          "the floor (floor %.2f s: one ping per gateway), changed %d / %d, probes ok %d/%d"
+          % (args.gateways, args.repeat, s["first_s"], s["first_x_floor"], s["rerun_s"], s["rerun_x_floor"],
+             s["floor_s"], s["first_changed"], s["rerun_changed"], s["probes_ok"], args.gateways))
     if not args.no_report:
         try:
             import matplotlib  # noqa: F401  (the other sections' plots; bench/requirements.txt)

@@ -6,6 +6,7 @@ files change, and a rollout that stops at the first gateway whose check fails.""
 import json
 import os
 import shutil
+import zipfile
 
 import pytest
 import yaml
@@ -87,21 +88,26 @@ def test_role_is_idempotent_runs_the_agent_in_the_namespace_and_restarts_it(tmp_
     # ... and not in the client's namespace (nor anywhere else of the lab).
     assert gateway_lab.run("client", ["nft", "list", "table", "inet", "masqd"], timeout=10).returncode != 0
 
-    # A changed agent file is put back and the agent restarted (the handler).
+    # A changed agent (one zip application of masqd/) is put back and the agent
+    # restarted (the handler).
     before = agent_pid(prefix)
-    deployed = "/run/ipmasq-lab/%s/gateway/lib/masqd/daemon.py" % prefix
-    with open(deployed, "a") as handle:
-        handle.write("# local edit\n")
+    deployed = "/run/ipmasq-lab/%s/gateway/lib/masqd.pyz" % prefix
+    with zipfile.ZipFile(deployed) as archive, open(os.path.join(REPO, "masqd", "daemon.py"), "rb") as source:
+        assert archive.read("masqd/daemon.py") == source.read()
+    with open(deployed, "rb") as handle:
+        shipped = handle.read()
+    with open(deployed, "ab") as handle:
+        handle.write(b"# local edit\n")
 
     proc, _document = playbook(tmp_path, env, ROLE_PLAY, prefix)
     assert proc.returncode == 0, proc.stdout[-4000:]
     after = agent_pid(prefix)
     assert after != before
     assert not alive(before)
-    with open(deployed) as handle, open(os.path.join(REPO, "masqd", "daemon.py")) as source:
-        assert handle.read() == source.read()
+    with open(deployed, "rb") as handle:
+        assert handle.read() == shipped
     # The restarted agent answers.
-    status = gateway_lab.run("gateway", [os.path.dirname(deployed) + "/../../bin/masqctl", "--socket",
+    status = gateway_lab.run("gateway", [os.path.dirname(deployed) + "/../bin/masqctl", "--socket",
                                          "/run/ipmasq-lab/%s/gateway/masqd.sock" % prefix, "--json", "status"],
                              timeout=10)
     assert status.returncode == 0, status.stderr

@@ -150,6 +150,11 @@ def main(argv=None):
             service.watchers[monitor.name] = monitor
             if not monitor.start():
                 log.error("drift repair not running: %s", monitor.error)
+        from masqd.watchers.health import HealthWatcher  # idle without checked backends
+        health = HealthWatcher(service)
+        service.watchers[health.name] = health
+        if not health.start():
+            log.error("health checks not running: %s", health.error)
         server.service = service
         server.listen()
         if args.pidfile:

@@ -8,6 +8,7 @@ to the Service (the single writer of kernel and state), and offers one interface
 
   conntrack.AutofwWatcher   conntrack events -> AUTOFW control-port recipients
   ruleset.RulesetMonitor    nftables events (and a slow verification) -> drift repair
+  health.HealthWatcher      backend probes (tcp, http, icmp) -> backends out of/into schedules
 """
 
 from typing import Any, Dict, Protocol

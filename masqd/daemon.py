@@ -46,6 +46,17 @@ def parse_args(argv):
     parser.add_argument("--verify-interval", type=float, default=60.0, metavar="SECONDS",
                         help="compare the kernel's table with the agent's every SECONDS as a "
                         "backstop to the events (0: never; default %(default)s)")
+    parser.add_argument("--metrics-listen", default=None, metavar="HOST:PORT",
+                        help="serve Prometheus metrics on http://HOST:PORT/metrics (docs/metrics.md; "
+                        "needs prometheus_client)")
+    parser.add_argument("--metrics-textfile", default=None, metavar="PATH",
+                        help="write the same metrics to PATH (atomically) for node_exporter's "
+                        "textfile collector")
+    parser.add_argument("--metrics-textfile-interval", type=float, default=15.0, metavar="SECONDS",
+                        help="how often to write --metrics-textfile (default %(default)s)")
+    parser.add_argument("--metrics-cache", type=float, default=5.0, metavar="SECONDS",
+                        help="reuse a reading of the kernel's counters for SECONDS across scrapes "
+                        "(default %(default)s)")
     parser.add_argument("--log-level", default="info",
                         choices=["debug", "info", "warning", "error"],
                         help="default %(default)s")
@@ -111,7 +122,19 @@ def main(argv=None):
             return 1
         return salvage_state(args.state_dir)
 
+    metrics_on = args.metrics_listen is not None or args.metrics_textfile is not None
+    if metrics_on:  # a missing library or a bad address: refused before the kernel is touched
+        from masqd.metrics import MetricsError, parse_listen, require_client
+        try:
+            require_client()
+            if args.metrics_listen is not None:
+                parse_listen(args.metrics_listen)
+        except MetricsError as exc:
+            log.error("cannot start: %s", exc)
+            return 1
+
     server = None
+    metrics = None
     try:
         server = Server(None, socket_path, group=args.group)
         # Take the socket before touching the kernel: a second agent on the same
@@ -156,6 +179,12 @@ def main(argv=None):
         if not health.start():
             log.error("health checks not running: %s", health.error)
         server.service = service
+        if metrics_on:
+            from masqd.metrics import Metrics
+            metrics = Metrics(service, args.metrics_listen, args.metrics_textfile,
+                              args.metrics_textfile_interval, args.metrics_cache)
+            server.service = metrics.service  # the Service with its writes counted
+            metrics.start()
         server.listen()
         if args.pidfile:
             write_pidfile(args.pidfile)
@@ -166,6 +195,8 @@ def main(argv=None):
         return 1
     finally:
         server.close()
+        if metrics is not None:
+            metrics.stop()
         if args.pidfile:
             remove_pidfile(args.pidfile)
         stopper = getattr(service, "stop", None)

@@ -179,13 +179,13 @@ BAD_HOSTS = ["0.0.0.0", "255.255.255.255", "127.0.0.1", "127.1.2.3", "224.0.0.1"
 BAD_NETS = ["127.0.0.0/8", "224.0.0.0/4", "240.0.0.0/4", "::1/128", "::ffff:0:0/96", "fe80::%eth0/64",
             "10.16.0.1/24", "10.16.0.0/33", "0.0.0.0/32"]
 wrong_types = st.one_of(st.integers(-2**70, 2**70), st.floats(allow_nan=True), st.booleans(),
-                        st.lists(st.integers(), max_size=2), st.dictionaries(st.text(max_size=3), st.integers(),
-                                                                              max_size=2))
+                        st.lists(st.integers(), max_size=2),
+                        st.dictionaries(st.text(max_size=3), st.integers(), max_size=2))
 
 
-def spiked(base, spikes=INJECT):
-    """`base` with a string validation must refuse put somewhere in it."""
-    return st.tuples(base, st.sampled_from(spikes), st.integers(0, 64)).map(
+def spiked(base, spikes=None):
+    """`base` with a string validation must refuse (INJECT unless given) put somewhere in it."""
+    return st.tuples(base, st.sampled_from(spikes or INJECT), st.integers(0, 64)).map(
         lambda t: t[0][:t[2]] + t[1] + t[0][t[2]:])
 
 
@@ -212,8 +212,8 @@ bad_port = st.one_of(
     st.text(alphabet=UNICODE_DIGITS + "0123456789", min_size=1, max_size=5).map(str),
     st.lists(st.integers(), max_size=2))
 bad_mark = st.one_of(st.integers(-2**40, 0), st.integers(2**32, 2**70), st.booleans(), st.floats(),
-                    st.text(alphabet=UNICODE_DIGITS + "0123456789x", min_size=1, max_size=5),
-                    st.lists(st.integers(), max_size=2))
+                     st.text(alphabet=UNICODE_DIGITS + "0123456789x", min_size=1, max_size=5),
+                     st.lists(st.integers(), max_size=2))
 bad_range = st.one_of(
     st.tuples(st.text(alphabet=UNICODE_DIGITS + "0123456789", min_size=1, max_size=3),
               st.text(alphabet=UNICODE_DIGITS, min_size=1, max_size=3)).map("-".join),

@@ -92,6 +92,22 @@ def _count(backend, name):
     return backend.get("pref", 10) if value is None and name == "pcnt" else value
 
 
+def health_text(backend):
+    """A checked backend's state after its columns: `  tcp up`, `  http down since
+    2026-12-01T20:55:21Z (Connection refused)`; nothing for an unchecked backend."""
+    health = backend.get("health")
+    if not health:
+        return ""
+    text = "  %s %s" % ((backend.get("check") or {}).get("type", "check"), health.get("state", "unknown"))
+    if health.get("state") == "down" and health.get("since"):
+        text += " since " + health["since"]
+    if health.get("state") == "down" and health.get("last_error"):
+        text += " (%s)" % health["last_error"]
+    if health.get("checker") == "not running":
+        text += " (checks not running)"
+    return text
+
+
 def format_portfw(entries, names):
     lines = [PORTFW_ROW % ("prot", "localaddr", "rediraddr", "lport", "rport", "pcnt", "pref")]
     for entry in entries:
@@ -100,7 +116,7 @@ def format_portfw(entries, names):
             lines.append(PORTFW_ROW % (
                 protocol.upper(), names.host(entry["local_address"]), names.host(backend["address"]),
                 names.service(entry["local_port"], protocol), names.service(backend["port"], protocol),
-                _count(backend, "pcnt"), backend.get("pref", 10)))
+                _count(backend, "pcnt"), backend.get("pref", 10)) + health_text(backend))
     return "\n".join(lines) + "\n"
 
 
@@ -110,7 +126,7 @@ def format_mfw(entries, names):
         for backend in scheduling_order(entry.get("backends", [])):
             lines.append(MFW_ROW % (
                 entry["mark"], names.host(backend["address"]), names.service(backend.get("port")),
-                _count(backend, "pcnt"), backend.get("pref", 10)))
+                _count(backend, "pcnt"), backend.get("pref", 10)) + health_text(backend))
     return "\n".join(lines) + "\n"
 
 

@@ -175,7 +175,7 @@ async def probe_icmp(address: str, sockets: IcmpSockets, seq: int) -> None:
         packet = struct.pack("!BBHHH", request, 0, _checksum(packet), ident, seq & 0xFFFF) + payload
     try:
         sock.setblocking(False)
-        await loop.sock_connect(sock, (address, 0))
+        sock.connect((address, 0))  # a datagram/raw connect only sets the peer: instant
         await loop.sock_sendall(sock, packet)
         while True:
             data = await loop.sock_recv(sock, 2048)

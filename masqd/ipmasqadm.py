@@ -53,7 +53,7 @@ Valid options:
 """
 
 PORTFW_USAGE = """\
-Usage: portfw -a -P PROTO -L LADDR LPORT -R RADDR RPORT [-p PREF] add entry
+Usage: portfw -a -P PROTO -L LADDR LPORT -R RADDR RPORT [-p PREF] [CHECK] add entry
        portfw -d -P PROTO -L LADDR LPORT [-R RADDR RPORT]         delete entry
        portfw -f                                                  clear table
        portfw -l                                                  list table
@@ -65,13 +65,16 @@ LPORT is the port being redirected
 RADDR is the remote address
 RPORT is the port being redirected to
 PREF  is the preference level (load balancing, default=10)
+CHECK is a health check of the backend given (docs/health.md):
+      --check tcp[:PORT] | http[:PORT][/PATH] | icmp | none
+      --check-interval S  --check-timeout S  --check-fall N  --check-rise N
 """
 
 MFW_USAGE = """\
-Usage: mfw -A -m FWMARK -r RADDR RPORT [-p PREF] add entry
-       mfw -I -m FWMARK -r RADDR RPORT [-p PREF] insert entry (at the head)
+Usage: mfw -A -m FWMARK -r RADDR RPORT [-p PREF] [CHECK] add entry
+       mfw -I -m FWMARK -r RADDR RPORT [-p PREF] [CHECK] insert entry (at the head)
        mfw -D -m FWMARK [-r RADDR RPORT]         delete entry
-       mfw -E -m FWMARK [-r RADDR RPORT] [-p PREF] edit entry (pref)
+       mfw -E -m FWMARK [-r RADDR RPORT] [-p PREF] [CHECK] edit entry (pref, check)
        mfw -S -m FWMARK                          force scheduling
        mfw -F                                    clear table
        mfw -L                                    list table
@@ -81,6 +84,9 @@ FWMARK is the fwmark being redirected.
 RADDR is the remote address (RADDR/32 is the same host).
 RPORT is the port being redirected to (none: the packet's own port, all protocols).
 PREF  is the preference level (load balancing, default=10; 0: never scheduled, see -S)
+CHECK is a health check of the backend given (docs/health.md):
+      --check tcp[:PORT] | http[:PORT][/PATH] | icmp | none
+      --check-interval S  --check-timeout S  --check-fall N  --check-rise N
 """
 
 _CRITERIA_USAGE = """\
@@ -389,6 +395,7 @@ def parse_portfw(argv, lookup=None):
     numeric = tokens.has("-n")
     resolve = Resolver(module, numeric, lookup)
     command = protocol = local = remote = pref = None
+    check = {}
     while tokens:
         token = tokens.take()
         if token in ("-a", "-d", "-f", "-l"):
@@ -414,12 +421,16 @@ def parse_portfw(argv, lookup=None):
                 remote = (address, port)
         elif token == "-p":
             pref = _integer(module, tokens.value("-p", "PREF"), "-p PREF")
+        elif _check_option(module, tokens, token, check):
+            pass
         elif token.startswith("-"):
             raise UsageError(module, "invalid option %s" % token)
         else:
             raise UsageError(module, "unknown arguments found on commandline: %s" % token)
     if command is None:
         raise UsageError(module, "no command given (-a, -d, -f or -l)")
+    if check and command != "-a":
+        raise UsageError(module, "incompatible options specified: --check is for -a")
     if command in ("-f", "-l"):
         if protocol or local or remote or pref is not None:
             raise UsageError(module, "incompatible options specified")
@@ -435,9 +446,56 @@ def parse_portfw(argv, lookup=None):
         backend = {"address": remote[0], "port": remote[1]}
         if pref is not None:
             backend["pref"] = pref
+        if check:
+            backend["check"] = _finish_check(module, check)
         entry["backends"] = [backend]
     op = "add" if command == "-a" else "delete"
     return Command(module, request={"op": op, "table": "portfw", "entry": entry})
+
+
+# -- health checks of the backend given (portfw -a, mfw -A/-I/-E) ---------------------
+
+_CHECK_OPTIONS = {"--check-interval": ("interval", float), "--check-timeout": ("timeout", float),
+                  "--check-fall": ("fall", int), "--check-rise": ("rise", int)}
+
+
+def _check_option(module, tokens, token, check):
+    """Consume one --check* option (also as --check=VALUE) into `check`; False if
+    `token` is not one. Values are checked by the agent (model.backend_check)."""
+    name, eq, inline = token.partition("=")
+    if name != "--check" and name not in _CHECK_OPTIONS:
+        return False
+    value = inline if eq else tokens.value(name, "a value")
+    if name == "--check":
+        check["spec"] = value
+        return True
+    field, kind = _CHECK_OPTIONS[name]
+    try:
+        check[field] = int(value, 10) if kind is int else float(value)
+    except ValueError:
+        raise UsageError(module, "%s: %r is not a number" % (name, value)) from None
+    if kind is float and check[field].is_integer():
+        check[field] = int(check[field])
+    return True
+
+
+def _finish_check(module, check):
+    """The API's `check` of --check tcp[:PORT] | http[:PORT][/PATH] | icmp | none."""
+    spec = check.get("spec")
+    if spec is None:
+        raise UsageError(module, "--check-interval/-timeout/-fall/-rise need --check TYPE")
+    kind, _colon, rest = spec.partition(":")
+    out = {"type": kind}
+    if _colon:
+        port, slash, path = rest.partition("/")
+        if port:
+            if not _ascii_digits(port):
+                raise UsageError(module, "--check %s: %r is not a port number" % (spec, port))
+            out["port"] = int(port)
+        if slash:
+            out["path"] = "/" + path
+    out.update((k, v) for k, v in check.items() if k != "spec")
+    return out
 
 
 # -- mfw ------------------------------------------------------------------------------
@@ -463,6 +521,7 @@ def parse_mfw(argv, lookup=None):
     numeric = tokens.has("-n")
     resolve = Resolver(module, numeric, lookup)
     command = mark = remote = pref = None
+    check = {}
     while tokens:
         token = tokens.take()
         if token in ("-A", "-I", "-E", "-D", "-F", "-S", "-L"):
@@ -485,12 +544,16 @@ def parse_mfw(argv, lookup=None):
             remote = (address, port)
         elif token == "-p":
             pref = _integer(module, tokens.value("-p", "PREF"), "-p PREF")
+        elif _check_option(module, tokens, token, check):
+            pass
         elif token.startswith("-"):
             raise UsageError(module, "invalid option %s" % token)
         else:
             raise UsageError(module, "unknown arguments found on commandline: %s" % token)
     if command is None:
         raise UsageError(module, "no command given (-A, -I, -D, -E, -S, -F or -L)")
+    if check and (command not in ("-A", "-I", "-E") or remote is None):
+        raise UsageError(module, "incompatible options specified: --check is for -A, -I and -E with -r RADDR")
     if command in ("-F", "-L"):
         if mark is not None or remote is not None or pref is not None:
             raise UsageError(module, "incompatible options specified")
@@ -509,6 +572,8 @@ def parse_mfw(argv, lookup=None):
         backend = {"address": remote[0], "port": remote[1]}
         if pref is not None:
             backend["pref"] = pref
+        if check:
+            backend["check"] = _finish_check(module, check)
         op = "add" if command == "-A" else "insert"
         return Command(module, request={"op": op, "table": "mfw",
                                         "entry": {"mark": mark, "backends": [backend]}})
@@ -525,6 +590,8 @@ def parse_mfw(argv, lookup=None):
         pref = DEFAULT_PREF
     if remote is not None:
         entry = {"mark": mark, "backends": [{"address": remote[0], "port": remote[1], "pref": pref}]}
+        if check:
+            entry["backends"][0]["check"] = _finish_check(module, check)
         return Command(module, request={"op": "edit", "table": "mfw", "entry": entry})
 
     def finish(entries, _revision):

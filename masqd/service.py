@@ -386,6 +386,14 @@ class Service:
                 raise ValidationError("entry.backends[%d]" % i, request["entry"]["backends"][i],
                                       "no such backend for this key")
         backends = [dict(b, pref=prefs.get((b["address"], b["port"]), b["pref"])) for b in current["backends"]]
+        # A backend given with `check` gets that check (type none removes it).
+        checks = {(b["address"], b["port"]): b.get("check") for i, b in enumerate(entry["backends"])
+                  if isinstance(request["entry"]["backends"][i], dict) and "check" in request["entry"]["backends"][i]}
+        for b in backends:
+            if (b["address"], b["port"]) in checks:
+                b.pop("check", None)
+                if checks[(b["address"], b["port"])] is not None:
+                    b["check"] = checks[(b["address"], b["port"])]
         new = dict(current, backends=backends)
         return self._put(table, {key: new}, ()), {"entry": new}
 

@@ -335,3 +335,43 @@ def test_http_probe_parses_status():
         finally:
             server.close()
     asyncio.run(run())
+
+
+# --- masqctl: --check on the backend being given -----------------------------------------
+
+def test_masqctl_check_options():
+    from masqd import ipmasqadm
+    cmd = ipmasqadm.parse(["portfw", "-a", "-P", "tcp", "-L", "198.51.100.1", "80", "-R", A, "80",
+                           "--check", "http:8080/healthz", "--check-interval", "0.1", "--check-timeout", "0.05",
+                           "--check-fall", "2", "--check-rise", "3"])
+    assert cmd.request["entry"]["backends"][0]["check"] == {
+        "type": "http", "port": 8080, "path": "/healthz", "interval": 0.1, "timeout": 0.05, "fall": 2, "rise": 3}
+    assert model.normalize_portfw(cmd.request["entry"])["backends"][0]["check"]["path"] == "/healthz"
+    cmd = ipmasqadm.parse(["mfw", "-I", "-m", "7", "-r", A, "--check=icmp"])
+    assert cmd.request["entry"]["backends"][0]["check"] == {"type": "icmp"}
+    cmd = ipmasqadm.parse(["mfw", "-A", "-m", "7", "-r", A, "80", "--check", "tcp:22"])
+    assert cmd.request["entry"]["backends"][0]["check"] == {"type": "tcp", "port": 22}
+
+
+@pytest.mark.parametrize("argv", [
+    ["portfw", "-d", "-P", "tcp", "-L", "198.51.100.1", "80", "--check", "tcp"],
+    ["portfw", "-a", "-P", "tcp", "-L", "198.51.100.1", "80", "-R", A, "80", "--check", "tcp:x"],
+    ["portfw", "-a", "-P", "tcp", "-L", "198.51.100.1", "80", "-R", A, "80", "--check-fall", "2"],
+    ["portfw", "-a", "-P", "tcp", "-L", "198.51.100.1", "80", "-R", A, "80", "--check", "tcp", "--check-fall", "x"],
+    ["mfw", "-S", "-m", "7", "--check", "icmp"],
+])
+def test_masqctl_bad_check_options(argv):
+    from masqd import ipmasqadm
+    with pytest.raises(ipmasqadm.UsageError):
+        ipmasqadm.parse(argv)
+
+
+def test_edit_sets_and_removes_a_check(svc):
+    ok(svc, op="add", table="mfw", entry={"mark": 7, "backends": [{"address": A, "port": 80}]})
+    r = ok(svc, op="edit", table="mfw", entry={"mark": 7, "backends": [{"address": A, "port": 80, "check": TCP}]})
+    assert r["result"]["entry"]["backends"][0]["check"]["fall"] == 2
+    r = ok(svc, op="edit", table="mfw", entry={"mark": 7, "backends": [{"address": A, "port": 80, "pref": 5}]})
+    assert r["result"]["entry"]["backends"][0]["check"]["fall"] == 2  # untouched without `check`
+    r = ok(svc, op="edit", table="mfw", entry={"mark": 7, "backends": [{"address": A, "port": 80,
+                                                                      "check": {"type": "none"}}]})
+    assert "check" not in r["result"]["entry"]["backends"][0]

@@ -657,6 +657,8 @@ def _statuses(value, field):
 def backend_check(raw, field, backend, family):
     """Validate a backend's `check` and store its canonical form in backend["check"]
     (nothing for type none). `port` None means the backend's own port."""
+    if isinstance(raw, dict):  # a field given as null is a field not given (modules)
+        raw = {k: v for k, v in raw.items() if v is not None}
     _fields(raw, field, ("type",), _CHECK_FIELDS)
     kind = raw["type"]
     if kind not in CHECK_TYPES:
@@ -707,7 +709,7 @@ def health_options(raw, field, entry, family, port_optional):
     for k in ("failback", "flush_on_down"):
         if raw.get(k) is not None and boolean(raw[k], _path(field, k)):
             entry[k] = True
-    mode = raw.get("all_down", "forward")
+    mode = "forward" if raw.get("all_down") is None else raw["all_down"]
     if mode not in ALL_DOWN:
         raise ValidationError(_path(field, "all_down"), mode, "must be one of %s" % ", ".join(ALL_DOWN))
     fallback = raw.get("fallback")

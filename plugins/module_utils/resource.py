@@ -19,12 +19,17 @@ STATES = ("merged", "replaced", "overridden", "deleted", "gathered", "rendered",
 # Per table: the key fields (in order), every field with its default (in the API's
 # order), the fields that hold addresses, and whether entries carry `backends`.
 _ADDRESS_FIELDS = ("local_address", "hidden_host", "address")
+# Health checks (docs/health.md): the entry fields and their defaults; the agent
+# leaves a field at its default out of the entry, complete() fills it back in.
+_HEALTH_FIELDS = (("failback", False), ("all_down", "forward"), ("fallback", None), ("flush_on_down", False))
+_CHECK_DEFAULTS = {"interval": 2.0, "fall": 3, "rise": 2}
 
 TABLES = {
     "portfw": {
         "key": ("protocol", "local_address", "local_port"),
-        "fields": (("protocol", None), ("local_address", None), ("local_port", None), ("backends", None)),
-        "backend": (("address", None), ("port", None), ("pref", 10)),
+        "fields": (("protocol", None), ("local_address", None), ("local_port", None), ("backends", None))
+        + _HEALTH_FIELDS,
+        "backend": (("address", None), ("port", None), ("pref", 10), ("check", None)),
         "required": ("backends",),
     },
     "autofw": {
@@ -37,8 +42,8 @@ TABLES = {
     },
     "mfw": {
         "key": ("mark",),
-        "fields": (("mark", None), ("backends", None)),
-        "backend": (("address", None), ("port", None), ("pref", 10)),
+        "fields": (("mark", None), ("backends", None)) + _HEALTH_FIELDS,
+        "backend": (("address", None), ("port", None), ("pref", 10), ("check", None)),
         "required": ("backends",),
     },
     "marks": {
@@ -112,7 +117,43 @@ def _canonical_value(field, value):
         return [_canonical_address(a) for a in value]
     if field == "helpers" and isinstance(value, list) and all(isinstance(h, str) for h in value):
         return sorted(value)  # the agent keeps helpers sorted: order carries no meaning
+    if field == "check":
+        return _canonical_check(value)
+    if field == "fallback" and isinstance(value, dict):
+        return {"address": _canonical_address(value.get("address")), "port": value.get("port")}
     return value
+
+
+def _canonical_check(value):
+    """A backend's check as the agent keeps it (model.backend_check): defaults filled,
+    None for type none, so a task that gives the defaults reports no change."""
+    if not isinstance(value, dict):
+        return value
+    check = dict((k, v) for k, v in value.items() if v is not None)
+    kind = check.get("type")
+    if kind == "none":
+        return None
+    if kind not in ("tcp", "http", "icmp"):
+        return check  # the agent names the bad value
+    out = {"type": kind}
+    if kind != "icmp":
+        out["port"] = check.get("port")
+    if kind == "http":
+        out["path"] = check.get("path", "/")
+        if check.get("status") is not None:
+            status = check["status"] if isinstance(check["status"], list) else [check["status"]]
+            out["status"] = sorted(set(status))
+    for k in ("interval", "timeout"):
+        if isinstance(check.get(k), int) and not isinstance(check.get(k), bool):
+            check[k] = float(check[k])
+    out["interval"] = check.get("interval", _CHECK_DEFAULTS["interval"])
+    out["timeout"] = check.get("timeout", min(out["interval"], 60.0) if isinstance(out["interval"], float)
+                               else out["interval"])
+    out["fall"] = check.get("fall", _CHECK_DEFAULTS["fall"])
+    out["rise"] = check.get("rise", _CHECK_DEFAULTS["rise"])
+    for k, v in check.items():
+        out.setdefault(k, v)  # unknown fields reach the agent, which names them
+    return out
 
 
 def _complete_backend(spec, backend):
@@ -120,6 +161,8 @@ def _complete_backend(spec, backend):
     for field, default in spec:
         value = backend.get(field)
         out[field] = default if value is None else _canonical_value(field, value)
+    if out.get("check", 0) is None:
+        del out["check"]  # no check: the backend as it was before health checks
     return out
 
 
@@ -135,6 +178,8 @@ def complete(table, entry):
             value = copy.deepcopy(default)
         else:
             value = _canonical_value(field, value)
+        if (field, value) in _HEALTH_FIELDS:
+            continue  # the agent leaves a health field at its default out of the entry
         out[field] = value
     return out
 

@@ -59,6 +59,72 @@ options:
               - Preference, the number of consecutive connections this backend takes
                 before the next one becomes head. The agent's default is 10.
             type: int
+          check:
+            description:
+              - A health check of this backend, run by the agent (docs/health.md). A
+                backend that fails O(config[].backends[].check.fall) checks in a row leaves
+                the schedule; after O(config[].backends[].check.rise) successes it is back.
+            type: dict
+            suboptions:
+              type:
+                description: The kind of check; V(none) is no check.
+                type: str
+                required: true
+                choices: [none, tcp, http, icmp]
+              port:
+                description:
+                  - The port to check (tcp, http). Default the backend's port; required for
+                    a backend without a port.
+                type: int
+              path:
+                description: The path an http check requests (default V(/)).
+                type: str
+              status:
+                description: The HTTP status codes that count as up (default 200-399).
+                type: list
+                elements: int
+              interval:
+                description: Seconds between checks (default 2).
+                type: float
+              timeout:
+                description: Seconds a check may take (default the interval).
+                type: float
+              fall:
+                description: Failures in a row that take the backend down (default 3).
+                type: int
+              rise:
+                description: Successes in a row that bring it back (default 2).
+                type: int
+      failback:
+        description:
+          - For a pref-0 (failover) list (PORTFW always fails back: it has no head to keep); with V(false) (the default) a
+            recovering backend does not take over again from the one that replaced it.
+        type: bool
+      all_down:
+        description:
+          - What happens when every checked backend is down. V(forward) (default) keeps
+            forwarding to all of them; V(fallback) sends everything to
+            O(config[].fallback); V(reject) refuses connections (TCP reset, ICMP
+            unreachable).
+        type: str
+        choices: [forward, fallback, reject]
+      fallback:
+        description: The backend used when every backend is down and O(config[].all_down=fallback).
+        type: dict
+        suboptions:
+          address:
+            description: Its address.
+            type: str
+            required: true
+          port:
+            description: Its port.
+            type: int
+            required: true
+      flush_on_down:
+        description:
+          - Delete the conntrack entries of connections to a backend that went down, so
+            their clients reconnect to a live one at once.
+        type: bool
 extends_documentation_fragment:
   - ipmasq.gateway.agent
   - ipmasq.gateway.agent.resource_state
@@ -194,10 +260,22 @@ from ansible_collections.ipmasq.gateway.plugins.module_utils.resource_module imp
     run_resource_module,
 )
 
+CHECK_OPTIONS = {
+    "type": {"type": "str", "required": True, "choices": ["none", "tcp", "http", "icmp"]},
+    "port": {"type": "int"},
+    "path": {"type": "str"},
+    "status": {"type": "list", "elements": "int"},
+    "interval": {"type": "float"},
+    "timeout": {"type": "float"},
+    "fall": {"type": "int"},
+    "rise": {"type": "int"},
+}
+
 BACKEND_OPTIONS = {
     "address": {"type": "str", "required": True},
     "port": {"type": "int", "required": True},
     "pref": {"type": "int"},
+    "check": {"type": "dict", "options": CHECK_OPTIONS},
 }
 
 ENTRY_OPTIONS = {
@@ -205,6 +283,11 @@ ENTRY_OPTIONS = {
     "local_address": {"type": "str"},
     "local_port": {"type": "int"},
     "backends": {"type": "list", "elements": "dict", "options": BACKEND_OPTIONS},
+    "failback": {"type": "bool"},
+    "all_down": {"type": "str", "choices": ["forward", "fallback", "reject"]},
+    "fallback": {"type": "dict", "options": {"address": {"type": "str", "required": True},
+                                             "port": {"type": "int", "required": True}}},
+    "flush_on_down": {"type": "bool"},
 }
 
 

@@ -290,7 +290,7 @@ def test_watcher_tcp_down_and_up_on_loopback():
     watcher = health.HealthWatcher(fake, refresh=0.05)
     try:
         assert watcher.start()
-        _wait(lambda: watcher.state_of("portfw", "k", "127.0.0.1", port)["state"] == "up")
+        _wait(lambda: (watcher.state_of("portfw", "k", "127.0.0.1", port) or {}).get("state") == "up")
         listener.close()
         _wait(lambda: fake.calls == [("127.0.0.1", port, False)])
         view = watcher.state_of("portfw", "k", "127.0.0.1", port)
@@ -375,3 +375,24 @@ def test_edit_sets_and_removes_a_check(svc):
     r = ok(svc, op="edit", table="mfw", entry={"mark": 7, "backends": [{"address": A, "port": 80,
                                                                       "check": {"type": "none"}}]})
     assert "check" not in r["result"]["entry"]["backends"][0]
+
+
+# --- the modules' normalisation (plugins/module_utils/resource.py) ----------------------
+
+def test_module_check_canonical_form_matches_the_agent():
+    import importlib.util
+    import os
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "plugins", "module_utils", "resource.py")
+    spec = importlib.util.spec_from_file_location("resource_for_test", path)
+    resource = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(resource)
+    given = portfw({"address": A, "port": 80, "check": {"type": "http", "port": None, "path": None, "status": None,
+                                                          "interval": 1, "timeout": None, "fall": None, "rise": 5}},
+                   all_down="reject", failback=None, fallback=None, flush_on_down=False)
+    agent = model.normalize_portfw(given)  # what the agent keeps (module nulls are absent fields)
+    assert resource.complete("portfw", given) == resource.complete("portfw", agent)
+    assert resource.complete("portfw", agent) == agent
+    plain = portfw({"address": A, "port": 80})
+    assert resource.complete("portfw", plain) == dict(KEY, backends=[{"address": A, "port": 80, "pref": 10}])
+    none = portfw({"address": A, "port": 80, "check": {"type": "none"}})
+    assert resource.complete("portfw", none) == resource.complete("portfw", plain)

@@ -14,6 +14,7 @@ prometheus_client is optional: this module imports it only in `require_client`, 
 agent runs without it when no metrics flag is given.
 """
 
+import gzip
 import logging
 import os
 import threading
@@ -302,9 +303,6 @@ class ServiceCollector:
         labels = ["table", "key", "backend"]
         conns = counter("masqd_backend_connections", "Connections the kernel sent to the backend (its rule or "
                         "element counter; restarts at 0 when the key's schedule is rebuilt).", labels=labels)
-        head = gauge("masqd_backend_head", "1 for the backend the key's next connection goes to.", labels=labels)
-        pcnt = gauge("masqd_backend_pcnt", "Connections left before the schedule moves on (ipmasqadm's pcnt).",
-                     labels=labels)
         up = gauge("masqd_backend_up", "Health of a checked backend: 1 up, 0 down (absent: unchecked or "
                    "not yet known).", labels=labels)
         for table in ("portfw", "mfw"):
@@ -313,12 +311,10 @@ class ServiceCollector:
                 for b in entry["backends"]:
                     values = [table, key, endpoint(b["address"], b["port"])]
                     conns.add_metric(values, b["connections"])
-                    head.add_metric(values, 1 if b.get("head") else 0)
-                    pcnt.add_metric(values, b["pcnt"])
                     state = (b.get("health") or {}).get("state")
                     if state in ("up", "down"):
                         up.add_metric(values, 1 if state == "up" else 0)
-        yield from (conns, head, pcnt, up)
+        yield from (conns, up)
 
     def _autofw_families(self, entries: List[Dict[str, Any]], gauge: Any) -> Iterator[Any]:
         assoc = gauge("masqd_autofw_associations", "Hosts receiving the AUTOFW range (a fixed hidden host "
@@ -380,6 +376,9 @@ class Metrics:
         self.registry.register(self.collector)
         self.client.ProcessCollector(registry=self.registry)
         self.service = InstrumentedService(service, self.changes)
+        self.cache_seconds = cache_seconds
+        self._exposition: Optional[Tuple[float, bytes]] = None  # (clock, text) of the last generation
+        self._exposition_lock = threading.Lock()
         self._httpd: Any = None
         self._threads: List[threading.Thread] = []
         self._stop = threading.Event()
@@ -390,7 +389,14 @@ class Metrics:
         return None if self._httpd is None else self._httpd.server_address[:2]
 
     def exposition(self) -> bytes:
-        return self.client.generate_latest(self.registry)
+        """The text of every metric; generated at most once per cache time (at 100,000
+        keys generating it costs seconds of CPU: docs/metrics.md), scrapes and the
+        textfile writer in between get the same bytes."""
+        with self._exposition_lock:
+            now = time.monotonic()
+            if self._exposition is None or now - self._exposition[0] >= self.cache_seconds:
+                self._exposition = (now, self.client.generate_latest(self.registry))
+            return self._exposition[1]
 
     def start(self) -> None:
         if self.listen is not None:
@@ -412,13 +418,18 @@ class Metrics:
         class Server(ThreadingWSGIServer):
             address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
 
-        app = self.client.make_wsgi_app(self.registry)
+        content_type = self.client.CONTENT_TYPE_LATEST
 
         def only_metrics(environ: Dict[str, Any], start_response: Callable[..., Any]) -> Any:
             if environ.get("PATH_INFO", "/") not in ("/", "/metrics"):
                 start_response("404 Not Found", [("Content-Type", "text/plain")])
                 return [b"only /metrics here\n"]
-            return app(environ, start_response)
+            body, headers = self.exposition(), [("Content-Type", content_type)]
+            if "gzip" in environ.get("HTTP_ACCEPT_ENCODING", ""):  # Prometheus asks for it
+                body = gzip.compress(body, compresslevel=1)
+                headers.append(("Content-Encoding", "gzip"))
+            start_response("200 OK", headers + [("Content-Length", str(len(body)))])
+            return [body]
 
         try:
             self._httpd = make_server(host, port, only_metrics, Server, handler_class=Quiet)
@@ -428,8 +439,17 @@ class Metrics:
         log.info("metrics on http://%s/metrics", endpoint(*self.address))
 
     def write_textfile(self) -> None:
-        # write_to_textfile writes PATH.<pid>.<thread>.tmp and renames it over PATH.
-        self.client.write_to_textfile(self.textfile, self.registry)
+        """PATH.<pid>.tmp, then renamed over PATH: node_exporter never reads half a file."""
+        assert self.textfile is not None
+        tmp = "%s.%d.tmp" % (self.textfile, os.getpid())
+        try:
+            with open(tmp, "wb") as handle:
+                handle.write(self.exposition())
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, self.textfile)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
 
     def _textfile_loop(self) -> None:
         while not self._stop.wait(self.textfile_interval):

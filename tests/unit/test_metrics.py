@@ -2,7 +2,11 @@
 the change counters, the HTTP endpoint and the textfile (the real kernel and real
 traffic: tests/lab/test_metrics.py)."""
 
+import gzip
 import os
+import shutil
+import subprocess
+import urllib.error
 import urllib.request
 
 import pytest
@@ -86,7 +90,6 @@ def test_backend_connections_are_the_kernels_counters(svc):
     key2 = (("backend", "10.16.0.28:80"), ("key", "tcp 198.51.100.1:80"), ("table", "portfw"))
     assert got[("masqd_backend_connections_total", key)] == 15
     assert got[("masqd_backend_connections_total", key2)] == 5
-    assert got[("masqd_backend_head", key)] == 1 and got[("masqd_backend_head", key2)] == 0
     assert got[("masqd_entries", (("table", "portfw"),))] == 1
     assert got[("masqd_state_revision", ())] == 1
     assert got[("masqd_agent_answering", ())] == 1
@@ -208,7 +211,7 @@ def test_parse_listen():
 
 def test_http_endpoint_and_textfile(svc, tmp_path):
     path = str(tmp_path / "masqd.prom")
-    m = metrics.Metrics(svc, "127.0.0.1:0", path, textfile_interval=0.05, cache_seconds=0,
+    m = metrics.Metrics(svc, "127.0.0.1:0", path, textfile_interval=0.05, cache_seconds=60,
                         kernel=lambda: FakeReader(svc.nft))
     ok(m.service, op="set", table="portfw", entries=[WEB])
     m.start()
@@ -219,6 +222,11 @@ def test_http_endpoint_and_textfile(svc, tmp_path):
         assert 'masqd_backend_connections_total{backend="10.16.0.27:80",key="tcp 198.51.100.1:80",' \
                'table="portfw"} 0.0' in body
         assert "process_resident_memory_bytes" in body
+        # Prometheus asks for gzip: the same text, compressed
+        request = urllib.request.Request("http://%s:%d/metrics" % (host, port), headers={"Accept-Encoding": "gzip"})
+        with urllib.request.urlopen(request, timeout=5) as resp:
+            assert resp.headers["Content-Encoding"] == "gzip"
+            assert gzip.decompress(resp.read()).decode() == body  # within the cache time: the same bytes
         with pytest.raises(urllib.error.HTTPError):
             urllib.request.urlopen("http://%s:%d/other" % (host, port), timeout=5)
         with open(path) as handle:
@@ -226,6 +234,15 @@ def test_http_endpoint_and_textfile(svc, tmp_path):
         assert not [n for n in os.listdir(tmp_path) if n.endswith(".tmp")]
     finally:
         m.stop()
+
+
+def test_the_exposition_is_generated_once_per_cache_time(svc):
+    m = metrics.Metrics(svc, None, None, cache_seconds=60, kernel=lambda: FakeReader(svc.nft))
+    first = m.exposition()
+    ok(m.service, op="set", table="portfw", entries=[WEB])
+    assert m.exposition() is first and m.collector.readings == 1
+    m.cache_seconds = m.collector.cache_seconds = 0
+    assert b'masqd_entries{table="portfw"} 1.0' in m.exposition() and m.collector.readings == 2
 
 
 def test_textfile_in_a_missing_directory_is_refused(svc, tmp_path):
@@ -255,3 +272,38 @@ def test_daemon_refuses_a_bad_listen_address_before_touching_anything(tmp_path, 
     assert rc == 1
     assert "--metrics-listen 'localhost': must be HOST:PORT" in caplog.text
     assert not state.exists() and not (tmp_path / "s.sock").exists()
+
+
+ALERTS = os.path.join(os.path.dirname(__file__), "..", "..", "docs", "alerts")
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool (Debian's prometheus) not installed")
+def test_alert_rules_pass_promtool_check_and_their_tests():
+    for argv in (["promtool", "check", "rules", "masqd.rules.yml"],
+                 ["promtool", "test", "rules", "masqd.rules.test.yml"]):
+        result = subprocess.run(argv, cwd=ALERTS, capture_output=True, text=True, timeout=60, check=False)
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "SUCCESS" in result.stdout
+
+
+def test_alert_rules_use_only_metrics_the_agent_exports(svc):
+    """A rule on a misspelt metric never fires: every masqd_* name in the rules must be
+    in the exposition (with the health fields present)."""
+    import re
+    m, _reader = make(svc)
+    ok(svc, op="set", table="portfw", entries=[WEB])
+    real = svc.handle
+
+    def with_health(request):
+        resp = real(request)
+        if request.get("op") == "list":
+            for b in resp["result"]["tables"]["portfw"][0]["backends"]:
+                b["health"] = {"state": "down"}
+        return resp
+
+    svc.handle = with_health
+    got, _text = samples(m.registry)
+    exported = {name for name, _labels in got}
+    with open(os.path.join(ALERTS, "masqd.rules.yml")) as handle:
+        used = set(re.findall(r"\bmasqd_[a-z_]+", handle.read()))
+    assert used and used <= exported, used - exported

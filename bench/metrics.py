@@ -1,0 +1,213 @@
+"""Benchmark: what a Prometheus scrape of masqd costs, and what it does to the agent's
+API meanwhile (docs/metrics.md).
+
+masqd runs in the gateway namespace with `--metrics-listen 10.16.0.1:9339`; a scraper
+in the server namespace GETs /metrics over the lab link. Per PORTFW table size (1,000
+and 100,000 keys; 10,000 in quick mode), with two agents in turn:
+  - `--metrics-cache 0`: every scrape reads the kernel (the worst case);
+  - `--metrics-cache 5` (the default): scrapes within 5 s share one reading.
+Measured:
+  scrape_ms            one GET of /metrics, cold (a new reading) and, with the cache,
+                       warm (within the cache time); exposition bytes and samples
+  api_*_ms             latency of `status` (a read) and of an `add` + `delete` of one
+                       backend (writes) from a client on the socket: without scrapes,
+                       and while the scraper scrapes back to back (p50 / p99)
+  rss_kib              the agent's resident memory before and after the scrapes
+Bounded: every loop has a count and a deadline; the lab is torn down at the end.
+"""
+
+import json
+import os
+import threading
+import time
+
+from bench import common
+from bench.common import GATEWAY_IN, log, median
+
+PORT = 9339
+LISTEN = "%s:%d" % (GATEWAY_IN, PORT)
+
+# argv: URL, seconds, max scrapes -> [[seconds, bytes, samples], ...]
+SCRAPER = r"""
+import json, sys, time, urllib.request
+url, seconds, most = sys.argv[1], float(sys.argv[2]), int(sys.argv[3])
+end, out = time.monotonic() + seconds, []
+while time.monotonic() < end and len(out) < most:
+    t = time.monotonic()
+    body = urllib.request.urlopen(url, timeout=300).read()
+    out.append([time.monotonic() - t, len(body), body.count(b"\n") - body.count(b"\n#")])
+print(json.dumps(out))
+"""
+
+
+def _entries(count):
+    """PORTFW keys on the second outside address; every tenth one has two backends."""
+    out = []
+    for i in range(count):
+        backends = [{"address": "10.16.%d.%d" % (1 + i // 60000, 1 + i % 250), "port": 1 + i % 60000, "pref": 10}]
+        if i % 10 == 0:
+            backends.append(dict(backends[0], address="10.17.%d.%d" % (1 + i // 60000, 1 + i % 250), pref=5))
+        out.append({"protocol": "tcp" if i < 60000 else "udp", "local_address": common.GATEWAY_OUT2,
+                    "local_port": 1 + i % 60000, "backends": backends})
+    return out
+
+
+class MetricsAgent(common.Agent):
+    """common.Agent with the metrics flags."""
+
+    def __init__(self, lab, host, workdir, cache):
+        super().__init__(lab, host, workdir)
+        self.cache = cache
+
+    def start(self, timeout=300):
+        t0 = time.monotonic()
+        with open(self.log, "ab") as logf:
+            argv = [os.path.join(common.VENV_BIN, "masqd"), "--state-dir", self.state_dir,
+                    "--socket", self.socket, "--log-level", "warning", "--no-autofw-watcher",
+                    "--metrics-listen", LISTEN, "--metrics-cache", str(self.cache)]
+            self.proc = self.lab.spawn(self.host, argv, stdout=logf, stderr=logf)
+        from masqd.client import AgentUnavailable, Client
+        while time.monotonic() < t0 + timeout:
+            if self.proc.poll() is not None:
+                raise RuntimeError("masqd exited: %s" % self.tail())
+            if os.path.exists(self.socket):
+                try:
+                    with Client(self.socket, timeout=timeout) as c:
+                        c.request("status")
+                    return time.monotonic() - t0
+                except AgentUnavailable:
+                    pass
+            time.sleep(0.05)
+        raise RuntimeError("masqd not ready after %ss: %s" % (timeout, self.tail()))
+
+
+def _scrape(lab, scraper, seconds, most):
+    r = lab.run("server", [common.PYTHON, scraper, "http://%s/metrics" % LISTEN, str(seconds), str(most)],
+                timeout=seconds + 120)
+    if r.returncode != 0:
+        raise RuntimeError("scraper failed: %s" % r.stderr[-2000:])
+    return json.loads(r.stdout)
+
+
+def _api_latencies(agent, seconds, most=400):
+    """[(status ms, add+delete ms)] for up to `most` rounds or `seconds`."""
+    probe = {"protocol": "tcp", "local_address": common.GATEWAY_OUT, "local_port": 9,
+             "backends": [{"address": "10.16.0.10", "port": 9, "pref": 10}]}
+    extra = {"protocol": "tcp", "local_address": common.GATEWAY_OUT, "local_port": 9,
+             "backends": [{"address": "10.16.0.11", "port": 9, "pref": 10}]}
+    out = []
+    with agent.client() as c:
+        c.request("add", table="portfw", entry=probe)
+        end = time.monotonic() + seconds
+        while time.monotonic() < end and len(out) < most:
+            t0 = time.monotonic()
+            c.request("status")
+            t1 = time.monotonic()
+            c.request("add", table="portfw", entry=extra)
+            c.request("delete", table="portfw", entry=extra)
+            t2 = time.monotonic()
+            out.append(((t1 - t0) * 1e3, (t2 - t1) * 1e3))
+            time.sleep(0.01)
+        c.request("delete", table="portfw", entry=probe)
+    return out
+
+
+def _pct(values, q):
+    return common.percentile(values, q / 100.0) if values else None
+
+
+def _latency_summary(rows):
+    status, write = [r[0] for r in rows], [r[1] for r in rows]
+    return {"rounds": len(rows), "status_p50_ms": _pct(status, 50), "status_p99_ms": _pct(status, 99),
+            "write_p50_ms": _pct(write, 50), "write_p99_ms": _pct(write, 99)}
+
+
+def _one(lab, work, scraper, size, cache, seconds, cold_scrapes):
+    agent = MetricsAgent(lab, "gateway", os.path.join(work, "c%s-%d" % (cache, size)), cache)
+    agent.preload({"portfw": _entries(size)})
+    start_s = agent.start()
+    try:
+        common.wait_port(lab, "server", GATEWAY_IN, PORT, timeout=30)
+        rss_before = agent.rss_kib()
+        # cold scrapes: each one a new reading (cache 0; with the cache, 5.2 s apart)
+        cold, warm = [], []
+        for _ in range(cold_scrapes):
+            cold += _scrape(lab, scraper, 600, 1)
+            if cache:
+                warm += _scrape(lab, scraper, 600, 3)  # within the cache time
+                time.sleep(cache + 0.2)
+        baseline = _api_latencies(agent, seconds)
+        # the API while a scraper scrapes back to back
+        result = {}
+
+        def scrape_loop():
+            result["scrapes"] = _scrape(lab, scraper, seconds + 2, 10000)
+
+        thread = threading.Thread(target=scrape_loop)
+        thread.start()
+        time.sleep(0.5)
+        during = _api_latencies(agent, seconds)
+        thread.join(timeout=seconds + 180)
+        rss_after = agent.rss_kib()
+    finally:
+        agent.stop()
+    during_scrapes = result.get("scrapes", [])
+    row = {"keys": size, "cache_s": cache, "agent_start_s": start_s,
+           "scrape_cold_ms": median([s[0] * 1e3 for s in cold]),
+           "scrape_warm_ms": median([s[0] * 1e3 for s in warm]) if warm else None,
+           "exposition_bytes": cold[0][1] if cold else None, "samples": cold[0][2] if cold else None,
+           "scrapes_during_api_run": len(during_scrapes),
+           "scrape_during_ms": median([s[0] * 1e3 for s in during_scrapes]),
+           "api_without_scrapes": _latency_summary(baseline), "api_during_scrapes": _latency_summary(during),
+           "rss_kib_before": rss_before, "rss_kib_after": rss_after,
+           "raw": {"cold_s": [s[0] for s in cold], "warm_s": [s[0] for s in warm],
+                   "during_s": [s[0] for s in during_scrapes]}}
+    log("metrics %d keys, cache %s: %s", size, cache, {k: v for k, v in row.items() if k != "raw"})
+    return row
+
+
+def run(quick=False):
+    sizes = [1000, 10000] if quick else [1000, 100000]
+    seconds = 8 if quick else 20
+    cold_scrapes = 3 if quick else 5
+    spec = common.triple_spec("metrics")
+    rows = []
+    with common.Workdir() as work, _lab(spec) as lab:
+        scraper = os.path.join(work, "scraper.py")
+        with open(scraper, "w") as f:
+            f.write(SCRAPER)
+        for size in sizes:
+            for cache in (0, 5):
+                rows.append(_one(lab, work, scraper, size, cache, seconds, cold_scrapes))
+    largest = max(sizes)
+    worst = next(r for r in rows if r["keys"] == largest and r["cache_s"] == 0)
+    cached = next(r for r in rows if r["keys"] == largest and r["cache_s"] == 5)
+    targets = {
+        "status p99 during back-to-back scrapes under 3x without (%d keys, cache 5 s)" % largest:
+            _le(cached["api_during_scrapes"]["status_p99_ms"], 3 * (cached["api_without_scrapes"]["status_p99_ms"] or 0)),
+        "write p99 during back-to-back scrapes under 3x without (%d keys, cache 5 s)" % largest:
+            _le(cached["api_during_scrapes"]["write_p99_ms"], 3 * (cached["api_without_scrapes"]["write_p99_ms"] or 0)),
+        "cold scrape under 10 s at %d keys" % largest: _le(worst["scrape_cold_ms"], 10000),
+    }
+    method = {"sizes": sizes, "api_seconds": seconds, "cold_scrapes": cold_scrapes, "caches_s": [0, 5],
+              "scraper": "server namespace, HTTP over the lab link", "statistic": "median; p50/p99 for the API",
+              "api_round": "status, then add + delete of one backend, 10 ms apart"}
+    return {"targets": targets, "method": method, "rows": rows, "summary": _summary(rows)}
+
+
+def _le(value, limit):
+    return value is not None and value <= limit
+
+
+def _summary(rows):
+    return [{k: v for k, v in r.items() if k != "raw"} for r in rows]
+
+
+def _lab(spec):
+    import ipmasq_lab
+    return ipmasq_lab.lab(spec)
+
+
+if __name__ == "__main__":
+    import sys
+    print(json.dumps(run(quick="--quick" in sys.argv)["summary"], indent=1))

@@ -26,13 +26,16 @@ from .errors import LabError
 
 ROOTS_DIR = os.environ.get("IPMASQ_LAB_ROOTS", "/var/cache/ipmasq-lab/roots")
 RELEASES = {"bookworm": "12", "trixie": "13"}
-# What the gateway role and the tests need on a host, from Debian's own archive.
+# A Debian system reachable over SSH, from Debian's own archive.
 PACKAGES = (
     "systemd", "systemd-sysv", "dbus", "openssh-server", "python3", "python3-apt",
-    "nftables", "python3-nftables", "python3-pyroute2", "conntrack", "iproute2",
-    "procps",
+    "conntrack", "iproute2", "procps",
 )
-RECIPE_VERSION = 1  # bump when configure() changes what a root holds
+# What the gateway role installs (its gateway_packages): downloaded into the root's apt
+# cache, not installed, so the role's apt task really installs Debian's packages inside
+# a host that has no route out (apt takes verified .debs from its cache).
+ROLE_PACKAGES = ("nftables", "python3-nftables", "python3-pyroute2")
+RECIPE_VERSION = 2  # bump when configure() changes what a root holds
 # The role's apt task uses cache_valid_time 86400: keep the lists younger than that.
 APT_LISTS_MAX_AGE = 12 * 3600
 BUILD_TIMEOUT = 1800
@@ -56,7 +59,8 @@ MASKED_UNITS = ("apt-daily.timer", "apt-daily-upgrade.timer", "e2scrub_all.timer
 def root_key(release, packages=PACKAGES):
     """A short hash of what a root holds: a change builds a new root."""
     text = json.dumps({"release": release, "packages": sorted(packages),
-                       "recipe": RECIPE_VERSION}, sort_keys=True)
+                       "role_packages": sorted(ROLE_PACKAGES), "recipe": RECIPE_VERSION},
+                      sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
@@ -157,15 +161,19 @@ def configure(root):
     os.makedirs(os.path.join(root, "root/.ssh"), mode=0o700, exist_ok=True)
 
 
-def refresh_apt_lists(root, log):
-    """apt-get update inside the root (the machine's access), when the lists are old."""
+def refresh_apt_lists(root, log, force=False):
+    """apt-get update inside the root (the machine's access) when the lists are old, then
+    the role's packages into its apt cache (new versions come with new lists)."""
     stamp = os.path.join(root, "var/lib/apt/periodic/update-success-stamp")
     lists = os.path.join(root, "var/lib/apt/lists")
     newest = max((os.stat(p).st_mtime for p in (stamp, lists) if os.path.exists(p)),
                  default=0)
-    if time.time() - newest < APT_LISTS_MAX_AGE:
+    if not force and time.time() - newest < APT_LISTS_MAX_AGE:
         return False
     _run(["chroot", root, "apt-get", "update", "-q"], log, timeout=300)
+    # With their Recommends, as the role's apt task installs them.
+    _run(["chroot", root, "apt-get", "install", "-q", "-y", "--download-only",
+          *ROLE_PACKAGES], log, timeout=600)
     os.makedirs(os.path.dirname(stamp), exist_ok=True)
     with open(stamp, "w", encoding="ascii"):
         pass  # the success stamp apt's own periodic update writes; Ansible reads it
@@ -187,7 +195,7 @@ def build(release, packages=PACKAGES, mirror=None, log_path=None):
                 _run(["debootstrap", "--variant=minbase", "--include=" + ",".join(packages),
                       release, tmp, mirror or machine_mirror()], log)
                 configure(tmp)
-                refresh_apt_lists(tmp, log)
+                refresh_apt_lists(tmp, log, force=True)
                 with open(os.path.join(tmp, COMPLETE_MARK), "w", encoding="utf-8") as mark:
                     json.dump({"release": release, "packages": sorted(packages),
                                "recipe": RECIPE_VERSION,
@@ -201,6 +209,8 @@ def build(release, packages=PACKAGES, mirror=None, log_path=None):
         for other in glob.glob(os.path.join(ROOTS_DIR, release + "-*")):
             if os.path.isdir(other) and other != final and ".tmp-" not in other:
                 shutil.rmtree(other, ignore_errors=True)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(other + ".log")
     return final
 
 

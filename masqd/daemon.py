@@ -12,6 +12,7 @@ import os
 import signal
 import sys
 
+from masqd import sdnotify
 from masqd.client import DEFAULT_SOCKET, SOCKET_ENV, default_socket_path
 from masqd.server import Server, ServerError
 
@@ -151,6 +152,7 @@ def main(argv=None):
 
     def stop(signum, _frame):
         log.info("%s received, shutting down", signal.Signals(signum).name)
+        sdnotify.stopping()
         server.shutdown()
 
     signal.signal(signal.SIGTERM, stop)
@@ -186,6 +188,7 @@ def main(argv=None):
             server.service = metrics.service  # the Service with its writes counted
             metrics.start()
         server.listen()
+        sdnotify.ready("serving %s" % server.socket_path)  # table programmed, socket up
         if args.pidfile:
             write_pidfile(args.pidfile)
         log.info("ready: state in %s, socket %s", args.state_dir, server.socket_path)

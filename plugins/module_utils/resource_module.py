@@ -144,6 +144,10 @@ class ResourceModule(object):
                 return self._apply()
         except ConfigError as error:
             fail_error(self.module, error)
+        except MasqdNotRunning as error:
+            if self.module.check_mode and self.state != "gathered":
+                return self._without_agent(error)
+            fail_error(self.module, error)
         except MasqdError as error:
             fail_error(self.module, error)
 
@@ -177,6 +181,15 @@ class ResourceModule(object):
             after, revision = self._read()
             result["revision"] = revision
             return self._exit(bool(response.get("changed", True)), before, after, result)
+
+    def _without_agent(self, error):
+        """Check mode before the agent runs (a fresh host, after the role's --check):
+        what would change in a table that does not exist yet, rather than a failure."""
+        desired = desired_table(self.table, self.state, self.config, [])
+        self.module.warn("%s; check mode reports the change against an empty %s table"
+                         % (error.message, self.table))
+        result = {"before": [], "revision": None, "commands": [], "agent_running": False}
+        return self._exit(not tables_equal(self.table, [], desired), [], desired, result)
 
     def _call(self, op, desired, result, **arguments):
         try:

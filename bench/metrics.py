@@ -208,6 +208,11 @@ def _lab(spec):
     return ipmasq_lab.lab(spec)
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # alone: python -m bench.metrics [--quick] (writes bench/results/metrics.json)
     import sys
-    print(json.dumps(run(quick="--quick" in sys.argv)["summary"], indent=1))
+    quick = "--quick" in sys.argv
+    t0 = time.monotonic()
+    data = run(quick=quick)
+    data["wall_s"] = time.monotonic() - t0
+    common.write_result("metrics", quick, data)
+    print(json.dumps(data["summary"], indent=1))

@@ -126,7 +126,7 @@ def plot_lines(name, series, xlabel, ylabel, title, logx=False, logy=False):
 
 def targets_section(docs):
     rows, misses = [], []
-    for bench in ("dataplane", "scale", "control", "ansible", "failover", "drift", "fleet_lab"):
+    for bench in ("dataplane", "scale", "control", "ansible", "failover", "drift", "fleet_lab", "metrics"):
         doc = docs.get(bench)
         if not doc:
             continue
@@ -321,6 +321,27 @@ def fleet_lab_section(doc):
     return "".join(out)
 
 
+def metrics_section(doc):
+    rows = [(r["keys"], r["cache_s"], f(r["scrape_cold_ms"], "%.0f"), f(r["scrape_warm_ms"], "%.0f"),
+             "%.1f MB / %d" % (r["exposition_bytes"] / 1e6, r["samples"]),
+             "%s / %s" % (f(r["api_without_scrapes"]["status_p50_ms"], "%.1f"),
+                          f(r["api_during_scrapes"]["status_p50_ms"], "%.1f")),
+             "%s / %s" % (f(r["api_without_scrapes"]["status_p99_ms"], "%.1f"),
+                          f(r["api_during_scrapes"]["status_p99_ms"], "%.1f")),
+             "%s / %s" % (f(r["api_without_scrapes"]["write_p50_ms"], "%.1f"),
+                          f(r["api_during_scrapes"]["write_p50_ms"], "%.1f")),
+             "%s / %s" % (f(r["api_without_scrapes"]["write_p99_ms"], "%.1f"),
+                          f(r["api_during_scrapes"]["write_p99_ms"], "%.1f")),
+             "%.0f / %.0f" % (r["rss_kib_before"] / 1024, r["rss_kib_after"] / 1024))
+            for r in doc["rows"]]
+    return ("## 9. Prometheus metrics: a scrape's cost and the API meanwhile\n\n%s\n\n" % _method(doc)
+            + table(["PORTFW keys", "cache s", "scrape, new reading, ms", "scrape within the cache, ms",
+                     "exposition / samples", "status p50 ms (no scrapes / back-to-back scrapes)", "status p99",
+                     "add+delete p50", "add+delete p99", "agent RSS MiB before / after"], rows)
+            + "\nThe scraper GETs /metrics back to back from the server namespace while a client on the "
+              "socket runs its rounds; docs/metrics.md explains the cache.\n\n")
+
+
 def _method(doc):
     m = doc.get("method", {})
     return "Method: " + ", ".join("%s=%s" % (k, v) for k, v in m.items() if k != "profile") + \
@@ -353,7 +374,8 @@ def main():
         parts.append(targets_section(docs))
         for name, fn in (("dataplane", dataplane_section), ("scale", scale_section), ("control", control_section),
                          ("ansible", ansible_section), ("failover", failover_section),
-                         ("drift", drift_section), ("fleet_lab", fleet_lab_section)):
+                         ("drift", drift_section), ("fleet_lab", fleet_lab_section),
+                         ("metrics", metrics_section)):
             if name in docs:
                 parts.append(fn(docs[name]))
             else:

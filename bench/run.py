@@ -1,6 +1,6 @@
 """Runs the benchmark suite, writes bench/results/<name>.json, regenerates REPORT.md.
 
-    python -m bench.run [--quick] [--only dataplane,scale,control,ansible,failover,drift] [--report]
+    python -m bench.run [--quick] [--only dataplane,scale,control,ansible,failover,drift,metrics] [--report]
 
 (scripts/bench.sh installs the tools first and calls this.)
 """
@@ -12,10 +12,13 @@ import traceback
 
 from bench import common
 
-BENCHMARKS = ("dataplane", "scale", "control", "ansible", "failover", "drift", "fleet_lab")
+BENCHMARKS = ("dataplane", "scale", "control", "ansible", "failover", "drift", "fleet_lab", "metrics")
 
 
 def _module(name):
+    if name == "metrics":  # docs/metrics.md: scrape cost and API latency during scrapes
+        from bench import metrics
+        return metrics
     from bench import ansible_bench, control, dataplane, drift, failover, fleet_lab, scale
     return {"dataplane": dataplane, "scale": scale, "control": control,
             "ansible": ansible_bench, "failover": failover, "drift": drift, "fleet_lab": fleet_lab}[name]

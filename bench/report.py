@@ -126,7 +126,7 @@ def plot_lines(name, series, xlabel, ylabel, title, logx=False, logy=False):
 
 def targets_section(docs):
     rows, misses = [], []
-    for bench in ("dataplane", "scale", "control", "ansible", "failover", "drift", "fleet_lab", "metrics"):
+    for bench in ("dataplane", "scale", "control", "ansible", "failover", "drift", "fleet_lab", "ha", "metrics"):
         doc = docs.get(bench)
         if not doc:
             continue
@@ -321,6 +321,22 @@ def fleet_lab_section(doc):
     return "".join(out)
 
 
+def ha_section(doc):
+    runs = doc["runs"]
+    keys = [("tcp_continuing", "TCP flows continuing (of %d)" % doc["method"]["tcp_flows"]),
+            ("tcp_reset", "TCP flows reset"), ("udp_lost", "UDP datagrams lost"),
+            ("udp_lost_s", "UDP loss, seconds of stream"),
+            ("failure_to_new_connection_s", "failure -> new connection works, s"),
+            ("failure_to_backup_holds_vips_s", "failure -> backup holds the VIPs, s"),
+            ("tcp_flows_kept_their_backend", "TCP flows on the same backend throughout")]
+    rows = [(label, runs["conntrackd"].get(k), runs["no_conntrackd"].get(k)) for k, label in keys]
+    return ("## 8. HA pair: the master dies (keepalived VRRPv3 + conntrackd FTFW)\n\n%s Run on %s.\n\n"
+            % (_method(doc), doc.get("date", "?"))
+            + table(["", "with conntrackd", "keepalived alone"], rows)
+            + "\nThe master loses all its links at once; `docs/ha.md` has the topology and every "
+              "failure mode.\n\n")
+
+
 def metrics_section(doc):
     rows = [(r["keys"], r["cache_s"], f(r["scrape_cold_ms"], "%.0f"), f(r["scrape_warm_ms"], "%.0f"),
              "%.1f MB / %d" % (r["exposition_bytes"] / 1e6, r["samples"]),
@@ -374,7 +390,7 @@ def main():
         parts.append(targets_section(docs))
         for name, fn in (("dataplane", dataplane_section), ("scale", scale_section), ("control", control_section),
                          ("ansible", ansible_section), ("failover", failover_section),
-                         ("drift", drift_section), ("fleet_lab", fleet_lab_section),
+                         ("drift", drift_section), ("fleet_lab", fleet_lab_section), ("ha", ha_section),
                          ("metrics", metrics_section)):
             if name in docs:
                 parts.append(fn(docs[name]))

@@ -1,6 +1,6 @@
 """Runs the benchmark suite, writes bench/results/<name>.json, regenerates REPORT.md.
 
-    python -m bench.run [--quick] [--only dataplane,scale,control,ansible,failover,drift,metrics] [--report]
+    python -m bench.run [--quick] [--only dataplane,scale,control,ansible,failover,drift,ha,metrics] [--report]
 
 (scripts/bench.sh installs the tools first and calls this.)
 """
@@ -12,16 +12,17 @@ import traceback
 
 from bench import common
 
-BENCHMARKS = ("dataplane", "scale", "control", "ansible", "failover", "drift", "fleet_lab", "metrics")
+BENCHMARKS = ("dataplane", "scale", "control", "ansible", "failover", "drift", "fleet_lab", "ha", "metrics")
 
 
 def _module(name):
     if name == "metrics":  # docs/metrics.md: scrape cost and API latency during scrapes
         from bench import metrics
         return metrics
-    from bench import ansible_bench, control, dataplane, drift, failover, fleet_lab, scale
+    from bench import ansible_bench, control, dataplane, drift, failover, fleet_lab, ha, scale
     return {"dataplane": dataplane, "scale": scale, "control": control,
-            "ansible": ansible_bench, "failover": failover, "drift": drift, "fleet_lab": fleet_lab}[name]
+            "ansible": ansible_bench, "failover": failover, "drift": drift, "fleet_lab": fleet_lab,
+            "ha": ha}[name]
 
 
 def main(argv=None):

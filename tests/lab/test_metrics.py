@@ -34,9 +34,19 @@ PROMETHEUS = shutil.which("prometheus")
 
 
 @pytest.fixture
-def gateway(seed_lab):
-    with running_agent(seed_lab, "masqd-metrics-", mode=0o755, extra=["--metrics-listen", LISTEN,
-                                                                      "--metrics-cache", "1"]) as agent:
+def textfile():
+    base = tempfile.mkdtemp(prefix="masqd-metrics-textfile-")
+    try:
+        yield os.path.join(base, "masqd.prom")
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture
+def gateway(seed_lab, textfile):
+    extra = ["--metrics-listen", LISTEN, "--metrics-cache", "1",
+             "--metrics-textfile", textfile, "--metrics-textfile-interval", "0.5"]
+    with running_agent(seed_lab, "masqd-metrics-", mode=0o755, extra=extra) as agent:
         yield agent
 
 
@@ -49,10 +59,11 @@ def http_get(lab, host, url, timeout=5):
     return result.stdout
 
 
-def scrape(lab, host="web2"):
-    """{(name, ((label, value), ...)): value} of the gateway's /metrics."""
+def scrape(lab, host="web2", text=None):
+    """{(name, ((label, value), ...)): value} of the gateway's /metrics (or of `text`)."""
     out = {}
-    for family in text_string_to_metric_families(http_get(lab, host, "http://%s/metrics" % LISTEN)):
+    text = http_get(lab, host, "http://%s/metrics" % LISTEN) if text is None else text
+    for family in text_string_to_metric_families(text):
         for s in family.samples:
             out[(s.name, tuple(sorted(s.labels.items())))] = s.value
     return out
@@ -71,12 +82,14 @@ def seed_traffic(lab, agent, count=20):
     assert [a.backend for a in answers] == ["web1"] * 15 + ["web2"] * 5, [a.error for a in answers]
 
 
-def test_metrics_count_the_seeds_15_and_5_like_masq_info(gateway, seed_lab):
+def test_metrics_count_the_seeds_15_and_5_like_masq_info(gateway, seed_lab, textfile):
     seed_traffic(seed_lab, gateway)
     time.sleep(1.1)  # past the metrics cache
     samples = scrape(seed_lab)
     assert backend_connections(samples) == {("portfw", WEB_KEY, "10.16.0.27:80"): 15,
                                             ("portfw", WEB_KEY, "10.16.0.28:80"): 5}
+    with open(textfile) as handle:  # the textfile says the same (written every 0.5 s)
+        assert backend_connections(scrape(seed_lab, text=handle.read())) == backend_connections(samples)
     assert samples[("masqd_changes_total", (("op", "add"), ("result", "changed")))] == 2
     assert samples[("masqd_change_duration_seconds_count", (("op", "add"),))] == 2
     assert samples[("masqd_entries", (("table", "portfw"),))] == 1
@@ -111,6 +124,28 @@ def test_metrics_count_the_seeds_15_and_5_like_masq_info(gateway, seed_lab):
     assert info["status"]["revision"] == after[("masqd_state_revision", ())]
     assert {t: n for t, n in info["status"]["tables"].items()} == {
         dict(labels)["table"]: v for (name, labels), v in after.items() if name == "masqd_entries"}
+
+
+def test_autofw_recipient_with_its_remaining_time(gateway, seed_lab):
+    gateway.masqctl("masq", "-A", "-s", "10.16.0.0/24", "-j", "MASQ")
+    gateway.masqctl("autofw", "-A", "-r", "udp", "6970", "7170", "-c", "tcp", "7070", "-t", "30")
+    time.sleep(1.1)
+    assert scrape(seed_lab)[("masqd_autofw_associations", (("range", "udp 6970-7170"),))] == 0
+    with probes.serve_identity(seed_lab, "client", 7070):
+        (answer,) = probes.connect_many(seed_lab, "web1", "198.51.100.10", 7070)
+    assert answer.ok, answer.error
+    deadline, samples = time.monotonic() + 5, {}
+    while time.monotonic() < deadline:  # detection is asynchronous; the cache is 1 s
+        samples = scrape(seed_lab)
+        if samples[("masqd_autofw_associations", (("range", "udp 6970-7170"),))] == 1:
+            break
+        time.sleep(0.3)
+    assert samples[("masqd_autofw_associations", (("range", "udp 6970-7170"),))] == 1
+    (left,) = [v for (name, labels), v in samples.items() if name == "masqd_autofw_recipient_expires_seconds"
+               and dict(labels) == {"range": "udp 6970-7170", "peer": "", "address": "10.16.0.27"}]
+    assert 20 <= left <= 30
+    assert samples[("masqd_autofw_detections_total", ())] >= 1
+    assert samples[("masqd_watcher_running", (("watcher", "autofw"),))] == 1
 
 
 PROMETHEUS_CONFIG = """global:

@@ -171,16 +171,14 @@ class Reading:
 class ServiceCollector:
     """A prometheus_client custom collector over the Service's read ops.
 
-    `kernel`: a factory of the handle that reads the pool maps (default: a LibNftables
-    of this collector's own, so it never shares the Service's). `read_rules`: the rule
-    counters of the classifier chain, when render gives its rules counters."""
+    `kernel`: a factory of the handle that reads the pool maps and the classifier chain
+    (default: a KernelReader, a libnftables handle of this collector's own)."""
 
-    def __init__(self, service: Any, client: Any, cache_seconds: float = DEFAULT_CACHE_SECONDS,
+    def __init__(self, service: Any, cache_seconds: float = DEFAULT_CACHE_SECONDS,
                  kernel: Optional[Callable[[], Any]] = None, clock: Callable[[], float] = time.monotonic) -> None:
         import prometheus_client.core
         self.service = service
-        self.core = prometheus_client.core  # the metric families (client: the package)
-        self.client = client
+        self.core = prometheus_client.core  # the metric families
         self.cache_seconds = cache_seconds
         self._kernel_factory = kernel
         self._kernel: Any = None
@@ -372,7 +370,7 @@ class Metrics:
         self.textfile, self.textfile_interval = textfile, textfile_interval
         self.registry = self.client.CollectorRegistry()
         self.changes = ChangeMetrics(self.client, self.registry)
-        self.collector = ServiceCollector(service, self.client, cache_seconds, kernel)
+        self.collector = ServiceCollector(service, cache_seconds, kernel)
         self.registry.register(self.collector)
         self.client.ProcessCollector(registry=self.registry)
         self.service = InstrumentedService(service, self.changes)

@@ -74,7 +74,7 @@ def make(svc, clock=None, cache=0.0, chain_counts=None):
     registry = prometheus_client.CollectorRegistry()
     changes = metrics.ChangeMetrics(prometheus_client, registry)
     reader = FakeReader(svc.nft, chain_counts)
-    collector = metrics.ServiceCollector(svc, prometheus_client, cache, lambda: reader, clock or Clock())
+    collector = metrics.ServiceCollector(svc, cache, lambda: reader, clock or Clock())
     registry.register(collector)
     m.registry, m.collector, m.service = registry, collector, metrics.InstrumentedService(svc, changes)
     return m, reader

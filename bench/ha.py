@@ -57,7 +57,8 @@ def _one(conntrackd, tcp_flows):
             attempts = prober.finish()
         finally:
             summary = flows.finish(timeout=60)
-    ok = [end for start, end, good in attempts if good and start >= t_dead]
+    ok = [end for start, end, good, _backend in attempts if good and start >= t_dead]
+    before, after = hp.schedule(attempts, 0, t_fail), hp.schedule(attempts, t_dead)
     tcp = summary["tcp"]
     resets = sum(1 for f in tcp if f["error"] and ("reset" in f["error"].lower() or "closed" in f["error"]))
     udp = summary["udp"]
@@ -75,6 +76,11 @@ def _one(conntrackd, tcp_flows):
         "links_down_command_s": round(t_dead - t_fail, 3),
         "flows_replicated_to_backup_before": replicated,
         "converge_s": round(converge_s, 1),
+        # masqd's PORTFW schedule is per box: the new master runs its own round robin
+        "schedule_before": {"connections": len(before), "alternation": hp.alternations(before),
+                            "first": before[-6:]},
+        "schedule_after": {"connections": len(after), "alternation": hp.alternations(after),
+                           "first": after[:6]},
     }
 
 

@@ -10,7 +10,8 @@ Run inside the client's namespace as a script (standard library only, bounded lo
       SECONDS; prints {"ready": ...} once every flow has an echo, then a summary.
   prober DST PORT SECONDS
       a new TCP connection attempt every 20 ms (each may take 0.5 s); prints every
-      attempt as [start, end, ok] on CLOCK_MONOTONIC (one clock for every namespace).
+      attempt as [start, end, ok, backend] on CLOCK_MONOTONIC (one clock for every
+      namespace; backend: the server that echoed).
 """
 
 import json
@@ -143,7 +144,7 @@ def cmd_prober(dst, port, seconds):
             sock, state = key.fileobj, key.data
             if state[1] == "connect":
                 if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) != 0:
-                    attempts.append([state[0], time.monotonic(), False])
+                    attempts.append([state[0], time.monotonic(), False, None])
                     sel.unregister(sock)
                     sock.close()
                     del pending[sock]
@@ -153,17 +154,18 @@ def cmd_prober(dst, port, seconds):
                 sel.modify(sock, selectors.EVENT_READ, state)
             else:
                 try:
-                    ok = b"probe" in sock.recv(4096)
+                    answer = sock.recv(4096)
                 except OSError:
-                    ok = False
-                attempts.append([state[0], time.monotonic(), ok])
+                    answer = b""
+                ok = answer.endswith(b" probe\n")
+                attempts.append([state[0], time.monotonic(), ok, answer.split(b" ")[0].decode() if ok else None])
                 sel.unregister(sock)
                 sock.close()
                 del pending[sock]
         now = time.monotonic()
         for sock, state in list(pending.items()):
             if now - state[0] > 0.5:
-                attempts.append([state[0], now, False])
+                attempts.append([state[0], now, False, None])
                 sel.unregister(sock)
                 sock.close()
                 del pending[sock]
@@ -223,8 +225,20 @@ class Prober:
 
 def first_new_connection_after(attempts, t0):
     """Seconds from t0 to the end of the first successful attempt started at or after t0."""
-    ok = [end for start, end, good in attempts if good and start >= t0]
+    ok = [end for start, end, good, _backend in attempts if good and start >= t0]
     return round(min(ok) - t0, 3) if ok else None
+
+
+def schedule(attempts, t_from, t_to=float("inf")):
+    """The backends of the successful new connections started in [t_from, t_to), in order:
+    the PORTFW round robin as the gateway that took them ran it."""
+    return [backend for start, _end, good, backend in sorted(attempts) if good and t_from <= start < t_to]
+
+
+def alternations(backends):
+    """Share of consecutive pairs on different backends (1.0: strict round robin)."""
+    pairs = list(zip(backends, backends[1:]))
+    return round(sum(1 for a, b in pairs if a != b) / len(pairs), 3) if pairs else None
 
 
 def run_dir(lab, host):

@@ -64,7 +64,7 @@ def _new_connection_time(lab, act):
     t_done = time.monotonic()
     time.sleep(2.5)
     attempts = prober.finish()
-    ok = [end for start, end, good in attempts if good and start >= t_done]
+    ok = [end for start, end, good, _backend in attempts if good and start >= t_done]
     return round(min(ok) - t_start, 3) if ok else None
 
 

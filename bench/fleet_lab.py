@@ -357,7 +357,7 @@ def main(argv=None):
     if args.repeat < 1:
         parser.error("--repeat %d: must be at least 1" % args.repeat)
     t0 = time.monotonic()
-    runs = [fleet_lab(args.gateways, args.forks, args.serial, args.timeout) for _ in range(args.repeat)]
+    runs = [fleet_lab(args.gateways, args.forks, args.serial, args.timeout) for _run in range(args.repeat)]
     data = medians_of(runs)
     data["wall_s"] = time.monotonic() - t0
     common.write_result("fleet_lab", False, data)

@@ -54,7 +54,7 @@ from ansible.errors import AnsibleLookupError
 from ansible.plugins.lookup import LookupBase
 
 COLLECTION_ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..")
-MAIN = b"from masqd.daemon import main\nimport sys\nsys.exit(main())\n"
+MAIN = b"from masqd.daemon import main\nraise SystemExit(main())\n"
 FIXED_TIME = (1980, 1, 1, 0, 0, 0)
 
 

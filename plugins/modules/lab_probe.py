@@ -270,7 +270,8 @@ import traceback
 from ansible.module_utils.basic import AnsibleModule, missing_required_lib
 
 try:
-    from ansible_collections.ipmasq.gateway.plugins.module_utils.lab import probes
+    from ansible_collections.ipmasq.gateway.plugins.module_utils.lab import probes, topology
+    from ansible_collections.ipmasq.gateway.plugins.module_utils.lab import spec as lab_spec
     from ansible_collections.ipmasq.gateway.plugins.module_utils.lab.lab import Lab
 except ImportError:
     HAS_IPMASQ_LAB = False
@@ -352,7 +353,8 @@ def main():
         ],
         supports_check_mode=True,
     )
-    if not HAS_IPMASQ_LAB:
+    # The harness imports pyroute2 and PyYAML guarded: None when the target lacks them.
+    if not HAS_IPMASQ_LAB or topology.IPRoute is None or lab_spec.yaml is None:
         module.fail_json(msg=missing_required_lib("pyroute2, PyYAML and scapy (the lab "
                                                   "harness's libraries)"),
                          exception=IPMASQ_LAB_IMPORT_ERROR)

@@ -131,9 +131,8 @@ import traceback
 from ansible.module_utils.basic import AnsibleModule, missing_required_lib
 
 try:
-    import pyroute2  # noqa: F401  (the harness's libraries: a clear error when missing)
-    import yaml  # noqa: F401
     from ansible_collections.ipmasq.gateway.plugins.module_utils.lab import booted_host, registry, topology
+    from ansible_collections.ipmasq.gateway.plugins.module_utils.lab import spec as lab_spec
     from ansible_collections.ipmasq.gateway.plugins.module_utils.lab.errors import LabError, LabSpecError
     from ansible_collections.ipmasq.gateway.plugins.module_utils.lab.lab import Lab
     from ansible_collections.ipmasq.gateway.plugins.module_utils.lab.spec import load_and_validate
@@ -195,7 +194,8 @@ def main():
         required_if=[("state", "present", ["spec"]), ("state", "absent", ["prefix"])],
         supports_check_mode=True,
     )
-    if not HAS_IPMASQ_LAB:
+    # The harness imports pyroute2 and PyYAML guarded: None when the target lacks them.
+    if not HAS_IPMASQ_LAB or topology.IPRoute is None or lab_spec.yaml is None:
         module.fail_json(msg=missing_required_lib("pyroute2 and PyYAML (the lab "
                                                   "harness's libraries)"),
                          exception=IPMASQ_LAB_IMPORT_ERROR)

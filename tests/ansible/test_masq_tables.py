@@ -7,9 +7,11 @@ import json
 import pytest
 
 from ansible_lab import run, write_inventory
-from test_masq_modules import SEED, agent, playbook, task  # noqa: F401  (agent is a fixture)
+import test_masq_modules
+from test_masq_modules import SEED, playbook, task
 
 pytestmark = pytest.mark.lab
+agent = test_masq_modules.agent  # the fixture: masqd in the gateway namespace
 
 MASQUERADE = [{"name": "inside", "source": "10.16.0.0/24"}]
 MARKS = [{"name": "friends", "mark": 1, "source": "203.0.113.0/24"}]
@@ -19,7 +21,7 @@ def gathered(tmp_path, env, inventory, socket_path):
     return playbook(tmp_path, env, inventory, [task("g", "masq_tables", state="gathered")], socket_path)[1]["g"]
 
 
-def test_tables_in_one_transaction_idempotent_and_untouched(tmp_path, ansible_env, netns_pair, agent):  # noqa: F811
+def test_tables_in_one_transaction_idempotent_and_untouched(tmp_path, ansible_env, netns_pair, agent):
     inventory = write_inventory(tmp_path / "inv", [netns_pair["gw"]])
     proc, results = playbook(tmp_path, ansible_env, inventory, [
         task("marks first", "masq_mark", config=MARKS, state="overridden"),
@@ -52,7 +54,7 @@ def test_tables_in_one_transaction_idempotent_and_untouched(tmp_path, ansible_en
     assert still["revision"] == both["revision"] and still["gathered"]["masquerade"]
 
 
-def test_bad_input_is_named_and_changes_nothing(tmp_path, ansible_env, netns_pair, agent):  # noqa: F811
+def test_bad_input_is_named_and_changes_nothing(tmp_path, ansible_env, netns_pair, agent):
     inventory = write_inventory(tmp_path / "inv", [netns_pair["gw"]])
     bad_portfw = [dict(SEED[0], backends=[{"address": "10.16.0.27", "port": 70000}])]
     bad_address = [dict(SEED[0], local_port=81, backends=[{"address": "10.16.0.999", "port": 80}])]

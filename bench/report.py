@@ -330,6 +330,9 @@ def ha_section(doc):
             ("failure_to_backup_holds_vips_s", "failure -> backup holds the VIPs, s"),
             ("tcp_flows_kept_their_backend", "TCP flows on the same backend throughout")]
     rows = [(label, runs["conntrackd"].get(k), runs["no_conntrackd"].get(k)) for k, label in keys]
+    rows.append(("new connections after the failover: round-robin alternation (1.0 = strict)",
+                 runs["conntrackd"].get("schedule_after", {}).get("alternation"),
+                 runs["no_conntrackd"].get("schedule_after", {}).get("alternation")))
     return ("## 8. HA pair: the master dies (keepalived VRRPv3 + conntrackd FTFW)\n\n%s Run on %s.\n\n"
             % (_method(doc), doc.get("date", "?"))
             + table(["", "with conntrackd", "keepalived alone"], rows)

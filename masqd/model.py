@@ -7,6 +7,7 @@ input raises ValidationError naming the field path and the offending value.
 
 import functools
 import ipaddress
+import math
 import re
 import socket
 
@@ -639,7 +640,7 @@ _PATH_RE = re.compile(r"^/[\x21-\x7e]*$")  # visible ASCII: it goes into a reque
 
 
 def _seconds(value, field, low, high):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
         raise ValidationError(field, value, "must be a number of seconds %g-%g" % (low, high))
     if not low <= value <= high:
         raise ValidationError(field, value, "must be %g-%g seconds" % (low, high))

@@ -478,6 +478,18 @@ def reject_rules(protocol=None):
     return (tcp, "reject")
 
 
+HEALTH_QUIET_MARK = 0x6D617364  # masqd.watchers.health.QUIET_MARK: the probe sockets' SO_MARK
+
+
+def health_fragment():
+    """While health checks run: no conntrack events for the probes' own connections
+    (their sockets carry HEALTH_QUIET_MARK), so 1,000 checks a second do not wake the
+    ctnetlink listeners (the AUTOFW watcher) several thousand times a second. The
+    connections are still tracked; only their events are off."""
+    return Fragment(chains=[Chain("health_output", "type filter hook output priority filter; policy accept;",
+                                  ("meta mark 0x%08x ct state new ct event set 0x0" % HEALTH_QUIET_MARK,))])
+
+
 def portfw_items(entry, phase=0, down=None):
     """What one PORTFW key renders to: (map name, element key, element value, Chain or
     None). A single-target key is one `portfw_direct_*` element; a cascade is a chain

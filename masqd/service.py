@@ -49,6 +49,7 @@ class Service:
         # Backends health checks found down: {(table, key): frozenset((address, port))}.
         # Runtime only (docs/health.md): never persisted, empty after a restart.
         self._down = {}
+        self._health_quiet = False  # render.health_fragment in the table (health_quiet)
         # AUTOFW control-port detection: who receives each range (runtime only).
         self.autofw = autofw_runtime.AutofwRecipients(self._kernel, self._now)
         self.watchers = {}  # name -> running watcher (masqd.watchers), for status
@@ -116,6 +117,8 @@ class Service:
         previous = self._ruleset
         phases = self._carried_phases(kernel, deleted_rules or {})
         ruleset = render.render(self._tables, self._mfw_heads, phases, self._down)
+        if self._health_quiet:
+            ruleset.fragments["health"] = render.health_fragment()
         txn = render.full_sync(ruleset)
         carried = self.autofw.carried(self._tables["autofw"], kernel)
         bindings = self._carried_pool_bindings(ruleset, kernel)
@@ -686,6 +689,16 @@ class Service:
             log.info("health: %s %s backend %s port %s %s (%.1f ms to re-render)", table, key, address, port,
                      "up" if up else "down", (self.clock() - started) * 1000)
             return bool(entry.get("flush_on_down"))
+
+    def health_quiet(self, on):
+        """The health watcher has checks to run (on) or none: add or remove the chain
+        that silences conntrack events of its probes (render.health_fragment)."""
+        with self._lock:
+            if self._ruleset is None or bool(on) == self._health_quiet:
+                return
+            new_rs = self._ruleset.replace({"health": render.health_fragment() if on else None})
+            self._apply(render.diff(self._ruleset, new_rs, ["health"]), new_rs, "health")
+            self._ruleset, self._health_quiet = new_rs, bool(on)
 
     def _down_after(self, changes, down):
         """The health map after `changes`: a backend leaves it when it, or its check,

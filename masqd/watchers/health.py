@@ -20,14 +20,18 @@ kernel refuses it, a raw socket (needs CAP_NET_RAW, which the agent has as root)
 
 import asyncio
 import concurrent.futures
+import errno
+import heapq
+import itertools
 import logging
 import os
 import random
+import select
 import socket
 import struct
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Dict, Optional, Tuple
 
 log = logging.getLogger("masqd.watchers.health")
@@ -52,7 +56,8 @@ class TargetState:
     checks: int = 0
     applied: str = "up"           # what the Service has rendered (unknown counts as up)
     pending: bool = False         # a change is on its way to the Service
-    task: Optional[asyncio.Task] = field(default=None, repr=False)
+    started: float = 0.0          # loop time the current/last probe started
+    current: bool = True          # False once the configuration dropped this target
 
     def view(self) -> Dict[str, Any]:
         since = None if self.since is None else time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.since))
@@ -83,17 +88,95 @@ def _family(address: str) -> int:
     return socket.AF_INET6 if ":" in address else socket.AF_INET
 
 
-async def probe_tcp(address: str, port: int) -> None:
-    """Connect and drop the connection at once (SO_LINGER 0: a reset, no TIME_WAIT
-    left behind by 1,000 checks a second)."""
-    loop = asyncio.get_running_loop()
-    sock = socket.socket(_family(address), socket.SOCK_STREAM)
+# Probe sockets carry this mark (SO_MARK), and the table's `health_output` chain
+# (render.health_fragment) turns off conntrack events for their connections: the
+# agent's own checks would otherwise wake every ctnetlink listener (the AUTOFW
+# watcher among them) several times per check.
+QUIET_MARK = 0x6D617364  # "masd"
+_LINGER0 = struct.pack("ii", 1, 0)  # close = reset: no TIME_WAIT from 1,000 checks a second
+
+
+def probe_socket(family: int, kind: int, proto: int = 0) -> socket.socket:
+    sock = socket.socket(family, kind | socket.SOCK_NONBLOCK, proto)
     try:
-        sock.setblocking(False)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, QUIET_MARK)
+    except OSError:  # no CAP_NET_ADMIN: checks still work, just not quietly
+        pass
+    if kind == socket.SOCK_STREAM:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER0)
+    return sock
+
+
+async def probe_tcp(address: str, port: int) -> None:
+    """Connect and drop the connection at once (the watcher's own TCP checks use the
+    batched form, TcpProbes; this one is for tests and tools)."""
+    loop = asyncio.get_running_loop()
+    sock = probe_socket(_family(address), socket.SOCK_STREAM)
+    try:
         await loop.sock_connect(sock, (address, port))
     finally:
         sock.close()
+
+
+class TcpProbes:
+    """TCP checks without a coroutine or a handle per check: a non-blocking connect
+    registered (EPOLLOUT, one-shot) in one epoll of our own, whose descriptor is the
+    only thing the asyncio loop watches; ready connects are collected in batches, and
+    one sweep every SWEEP seconds ends those past their timeout. This is the path
+    1,000 checks a second take (bench/health.py)."""
+
+    SWEEP = 0.02
+
+    def __init__(self, loop) -> None:
+        self.loop = loop
+        self.epoll = select.epoll()
+        self.pending: Dict[int, Tuple[socket.socket, Any, float, float]] = {}
+        self._sweeper = None
+        loop.add_reader(self.epoll.fileno(), self._ready)
+
+    def close(self) -> None:
+        self.loop.remove_reader(self.epoll.fileno())
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        for sock, _done, _deadline, _timeout in self.pending.values():
+            sock.close()
+        self.pending.clear()
+        self.epoll.close()
+
+    def start(self, address: str, port: int, timeout: float, done) -> None:
+        try:
+            sock = probe_socket(_family(address), socket.SOCK_STREAM)
+        except OSError as exc:
+            done(False, os.strerror(exc.errno) if exc.errno else str(exc))
+            return
+        err = sock.connect_ex((address, port))
+        if err in (errno.EINPROGRESS, errno.EAGAIN):
+            fd = sock.fileno()
+            self.epoll.register(fd, select.EPOLLOUT | select.EPOLLONESHOT)
+            self.pending[fd] = (sock, done, self.loop.time() + timeout, timeout)
+            if self._sweeper is None:
+                self._sweeper = self.loop.call_later(self.SWEEP, self._sweep)
+            return
+        sock.close()
+        done(err == 0, None if err == 0 else os.strerror(err))
+
+    def _ready(self) -> None:
+        for fd, _events in self.epoll.poll(0):
+            item = self.pending.pop(fd, None)
+            if item is None:
+                continue
+            sock, done, _deadline, _timeout = item
+            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            sock.close()  # also leaves the epoll: no EPOLL_CTL_DEL
+            done(err == 0, None if err == 0 else os.strerror(err))
+
+    def _sweep(self) -> None:
+        now = self.loop.time()
+        for fd in [fd for fd, item in self.pending.items() if item[2] <= now]:
+            sock, done, _deadline, timeout = self.pending.pop(fd)
+            sock.close()
+            done(False, "timeout after %gs" % timeout)
+        self._sweeper = self.loop.call_later(self.SWEEP, self._sweep) if self.pending else None
 
 
 def http_status_ok(check: Dict[str, Any], status: int) -> bool:
@@ -103,10 +186,8 @@ def http_status_ok(check: Dict[str, Any], status: int) -> bool:
 
 async def probe_http(address: str, port: int, check: Dict[str, Any]) -> None:
     loop = asyncio.get_running_loop()
-    sock = socket.socket(_family(address), socket.SOCK_STREAM)
+    sock = probe_socket(_family(address), socket.SOCK_STREAM)
     try:
-        sock.setblocking(False)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         await loop.sock_connect(sock, (address, port))
         host = "[%s]" % address if ":" in address else address
         request = "GET %s HTTP/1.0\r\nHost: %s:%d\r\nUser-Agent: masqd-health\r\nConnection: close\r\n\r\n" % (
@@ -150,13 +231,13 @@ class IcmpSockets:
         proto = socket.IPPROTO_ICMPV6 if family == socket.AF_INET6 else socket.IPPROTO_ICMP
         if self.kind.get(family, "datagram") == "datagram":
             try:
-                sock = socket.socket(family, socket.SOCK_DGRAM, proto)
+                sock = probe_socket(family, socket.SOCK_DGRAM, proto)
                 self.kind[family] = "datagram"
                 return sock, "datagram"
             except PermissionError as exc:  # ping_group_range excludes us
                 self.error = "datagram ICMP refused (%s), using raw" % exc
                 self.kind[family] = "raw"
-        return socket.socket(family, socket.SOCK_RAW, proto), "raw"
+        return probe_socket(family, socket.SOCK_RAW, proto), "raw"
 
 
 async def probe_icmp(address: str, sockets: IcmpSockets, seq: int) -> None:
@@ -174,7 +255,6 @@ async def probe_icmp(address: str, sockets: IcmpSockets, seq: int) -> None:
     if not v6:
         packet = struct.pack("!BBHHH", request, 0, _checksum(packet), ident, seq & 0xFFFF) + payload
     try:
-        sock.setblocking(False)
         sock.connect((address, 0))  # a datagram/raw connect only sets the peer: instant
         await loop.sock_sendall(sock, packet)
         while True:
@@ -220,8 +300,16 @@ def flush_conntrack(address: str, port: Optional[int]) -> int:
 
 # --- the watcher ------------------------------------------------------------------------
 
+TICK = 0.005  # probes due within one tick start together: fewer loop wake-ups
+
+
 class HealthWatcher:
-    """Probes every checked backend of the Service's PORTFW and mfw tables."""
+    """Probes every checked backend of the Service's PORTFW and mfw tables.
+
+    Scheduling is one heap of (due time, target) and one timer for its earliest
+    entry; at most `concurrency` probes are in flight (the rest wait in order). TCP
+    probes go through TcpProbes (no coroutine per check), http and icmp probes are
+    coroutines."""
 
     name = "health"
 
@@ -240,6 +328,7 @@ class HealthWatcher:
         self.last_transition: Optional[Dict[str, Any]] = None
         self.in_flight = 0
         self.max_in_flight = 0
+        self.quiet: Optional[bool] = None  # the table's health_output chain, when known
         self._seq = random.randrange(0x10000)
         self._thread: Optional[threading.Thread] = None
         self._loop: Optional[asyncio.AbstractEventLoop] = None
@@ -247,6 +336,13 @@ class HealthWatcher:
         self._started = threading.Event()
         self._commits = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="masqd-health-commit")
         self._revision = None
+        self._heap: list = []
+        self._order = itertools.count()
+        self._timer = None
+        self._timer_at = None
+        self._waiting: list = []
+        self._tasks: set = set()
+        self._tcp: Optional[TcpProbes] = None
 
     # --- the Watcher interface --------------------------------------------------------
 
@@ -276,6 +372,7 @@ class HealthWatcher:
                 "icmp_socket": ",".join("%s:%s" % ("ipv6" if f == socket.AF_INET6 else "ipv4", k)
                                         for f, k in sorted(self.icmp.kind.items())) or None,
                 "conntrack_flushed": self.flushed, "flush_error": self.flush_error,
+                "quiet_conntrack_events": self.quiet,
                 "last_transition": self.last_transition}
 
     def state_of(self, table: str, key: Any, address: str, port: Optional[int]) -> Optional[Dict[str, Any]]:
@@ -297,7 +394,7 @@ class HealthWatcher:
     async def _main(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
-        self._sem = asyncio.Semaphore(self.concurrency)
+        self._tcp = TcpProbes(self._loop)
         self.running = True
         self._started.set()
         try:
@@ -308,70 +405,118 @@ class HealthWatcher:
                 except asyncio.TimeoutError:
                     pass
         finally:
-            for st in self.targets.values():
-                if st.task is not None:
-                    st.task.cancel()
-            await asyncio.gather(*[st.task for st in self.targets.values() if st.task], return_exceptions=True)
+            if self._timer is not None:
+                self._timer.cancel()
+            for task in list(self._tasks):
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+            self._tcp.close()
 
     def _sync_targets(self) -> None:
-        """Follow the configuration: a task per checked backend; a new or changed
-        check starts unknown, a removed one is forgotten."""
+        """Follow the configuration: a new or changed check starts unknown, a removed
+        one is forgotten."""
         revision = getattr(self.service, "_revision", None)
         if revision == self._revision and revision is not None:
             return
         self._revision = revision
         wanted = self.service.health_targets()
         for target in [t for t in self.targets if t not in wanted or wanted[t] != self.targets[t].check]:
-            st = self.targets.pop(target)
-            if st.task is not None:
-                st.task.cancel()
+            self.targets.pop(target).current = False
+        now = self._loop.time()
         for target, check in wanted.items():
             if target not in self.targets:
                 st = TargetState(check=check)
                 self.targets[target] = st
-                st.task = asyncio.ensure_future(self._probe_loop(target, st))
+                self._push(now + random.uniform(0, min(check["interval"], 1.0)), target, st)
+        self._set_quiet(bool(self.targets))
 
-    async def _probe_loop(self, target: Target, st: TargetState) -> None:
-        loop = asyncio.get_running_loop()
+    def _set_quiet(self, on: bool) -> None:
+        quiet = getattr(self.service, "health_quiet", None)
+        if quiet is None or self.quiet == on:
+            return
+        self.quiet = on
+        self._commits.submit(quiet, on)
+
+    def _push(self, due: float, target: Target, st: TargetState) -> None:
+        heapq.heappush(self._heap, (due, next(self._order), target, st))
+        if self._timer_at is None or due < self._timer_at - TICK:
+            self._arm(due)
+
+    def _arm(self, due: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = due
+        self._timer = self._loop.call_at(due, self._tick)
+
+    def _tick(self) -> None:
+        self._timer = self._timer_at = None
+        now = self._loop.time()
+        heap = self._heap
+        while heap and heap[0][0] <= now + TICK:
+            _due, _n, target, st = heapq.heappop(heap)
+            if not st.current:
+                continue
+            if self.in_flight >= self.concurrency:
+                self._waiting.append((target, st))
+            else:
+                self._start(target, st, now)
+        if heap:
+            self._arm(heap[0][0])
+
+    def _start(self, target: Target, st: TargetState, now: float) -> None:
+        _table, _key, address, backend_port = target
         check = st.check
-        interval = check["interval"]
-        await asyncio.sleep(random.uniform(0, min(interval, 1.0)))  # spread the first round
-        while True:
-            started = loop.time()
-            ok, error = await self._probe(target, check)
-            if self.targets.get(target) is not st:
-                return
+        st.started = now
+        self.in_flight += 1
+        if self.in_flight > self.max_in_flight:
+            self.max_in_flight = self.in_flight
+
+        def done(ok: bool, error: Optional[str]) -> None:
+            self._finish(target, st, ok, error)
+
+        if check["type"] == "tcp":
+            self._tcp.start(address, check.get("port") or backend_port, check["timeout"], done)
+            return
+        task = self._loop.create_task(self._probe(address, check.get("port") or backend_port, check))
+        self._tasks.add(task)
+
+        def finished(t: asyncio.Task) -> None:
+            self._tasks.discard(t)
+            if not t.cancelled():
+                done(*t.result())
+
+        task.add_done_callback(finished)
+
+    async def _probe(self, address: str, port: Optional[int], check: Dict[str, Any]) -> Tuple[bool, Optional[str]]:
+        try:
+            if check["type"] == "http":
+                coro = probe_http(address, port, check)
+            else:
+                self._seq = (self._seq + 1) & 0xFFFF
+                coro = probe_icmp(address, self.icmp, self._seq)
+            await asyncio.wait_for(coro, check["timeout"])
+            return True, None
+        except asyncio.TimeoutError:
+            return False, "timeout after %gs" % check["timeout"]
+        except OSError as exc:
+            return False, os.strerror(exc.errno) if exc.errno else str(exc)
+        except Exception as exc:  # pylint: disable=broad-except  # a bad reply is a failure
+            return False, str(exc) or type(exc).__name__
+
+    def _finish(self, target: Target, st: TargetState, ok: bool, error: Optional[str]) -> None:
+        self.in_flight -= 1
+        if st.current:
             change = record(st, ok, error, time.time())
             if change is not None:
                 log.info("health: %s %s backend %s port %s is %s%s", target[0], target[1], target[2], target[3],
                          change, "" if ok else " (%s)" % error)
             self._propagate(target, st)
-            await asyncio.sleep(max(0.0, interval - (loop.time() - started)))
-
-    async def _probe(self, target: Target, check: Dict[str, Any]) -> Tuple[bool, Optional[str]]:
-        _table, _key, address, backend_port = target
-        port = check.get("port") or backend_port
-        async with self._sem:
-            self.in_flight += 1
-            self.max_in_flight = max(self.max_in_flight, self.in_flight)
-            try:
-                if check["type"] == "tcp":
-                    coro = probe_tcp(address, port)
-                elif check["type"] == "http":
-                    coro = probe_http(address, port, check)
-                else:
-                    self._seq = (self._seq + 1) & 0xFFFF
-                    coro = probe_icmp(address, self.icmp, self._seq)
-                await asyncio.wait_for(coro, check["timeout"])
-                return True, None
-            except asyncio.TimeoutError:
-                return False, "timeout after %gs" % check["timeout"]
-            except OSError as exc:
-                return False, os.strerror(exc.errno) if exc.errno else str(exc)
-            except Exception as exc:  # pylint: disable=broad-except  # a bad reply is a failure
-                return False, str(exc) or type(exc).__name__
-            finally:
-                self.in_flight -= 1
+            now = self._loop.time()
+            self._push(max(st.started + st.check["interval"], now), target, st)
+        while self._waiting and self.in_flight < self.concurrency:
+            waiting, wst = self._waiting.pop(0)
+            if wst.current:
+                self._start(waiting, wst, self._loop.time())
 
     def _propagate(self, target: Target, st: TargetState) -> None:
         """Hand a state the Service has not rendered yet to the commit worker (one at a

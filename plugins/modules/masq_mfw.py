@@ -112,7 +112,7 @@ options:
             type: str
             required: true
           port:
-            description: Its port (default: the packet's own port).
+            description: Its port (default the packet's own port).
             type: int
       flush_on_down:
         description:

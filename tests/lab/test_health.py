@@ -152,23 +152,25 @@ def _mfw_failover(gateway, seed_lab, failback):
             h1 = _http_server(seed_lab, "web1", 8080)
             wait_state(gateway, WEB1, "up", "mfw")
             after = backends(probes.connect_many(seed_lab, "client", "198.51.100.1", 80, count=5))
+            listing = gateway.masqctl("mfw", "-L", "-n").stdout  # while both are up
     finally:
         for proc in (h1, h2):
             proc.kill()
             proc.wait(timeout=5)
-    return before, during, after
+    return before, during, after, listing
 
 
 def test_mfw_pref0_failover_without_failback(gateway, seed_lab):
-    before, during, after = _mfw_failover(gateway, seed_lab, failback=False)
+    before, during, after, listing = _mfw_failover(gateway, seed_lab, failback=False)
     assert (before, during, after) == (["web1"] * 5, ["web2"] * 5, ["web2"] * 5)
-    listing = gateway.masqctl("mfw", "-L", "-n").stdout
     assert listing.splitlines()[1].split()[1] == WEB2, listing  # web2 is the head now
+    assert "http up" in listing, listing
 
 
 def test_mfw_pref0_failover_with_failback(gateway, seed_lab):
-    before, during, after = _mfw_failover(gateway, seed_lab, failback=True)
+    before, during, after, listing = _mfw_failover(gateway, seed_lab, failback=True)
     assert (before, during, after) == (["web1"] * 5, ["web2"] * 5, ["web1"] * 5)
+    assert listing.splitlines()[1].split()[1] == WEB1, listing
 
 
 def test_all_down_reject_and_fallback(gateway, seed_lab):

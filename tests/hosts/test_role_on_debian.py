@@ -19,7 +19,7 @@ from hostlab import (PORTFW, ansible_env, changed_tasks, exposure, failures, pla
 MAX_EXPOSURE = 2.5
 # Debian's versions of the agent's libraries, as the role installs them.
 DEBIAN_VERSIONS = {"bookworm": {"nftables": "1.0.6", "python3-pyroute2": "0.7.2"},
-                   "trixie": {"nftables": "1.1.3", "python3-pyroute2": "0.8.1"}}
+                   "trixie": {"nftables": "1.1.3", "python3-pyroute2": "0.7.7"}}
 
 
 class Gateway:

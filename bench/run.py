@@ -12,13 +12,17 @@ import traceback
 
 from bench import common
 
-BENCHMARKS = ("dataplane", "scale", "control", "ansible", "failover", "drift", "fleet_lab", "ha", "metrics")
+BENCHMARKS = ("dataplane", "scale", "control", "ansible", "failover", "drift", "fleet_lab", "ha", "metrics",
+              "health")
 
 
 def _module(name):
     if name == "metrics":  # docs/metrics.md: scrape cost and API latency during scrapes
         from bench import metrics
         return metrics
+    if name == "health":  # docs/health.md: failover/recovery vs HAProxy, cost of 1,000 checks
+        from bench import health
+        return health
     from bench import ansible_bench, control, dataplane, drift, failover, fleet_lab, ha, scale
     return {"dataplane": dataplane, "scale": scale, "control": control,
             "ansible": ansible_bench, "failover": failover, "drift": drift, "fleet_lab": fleet_lab,

@@ -397,3 +397,16 @@ def test_module_check_canonical_form_matches_the_agent():
     assert resource.complete("portfw", plain) == dict(KEY, backends=[{"address": A, "port": 80, "pref": 10}])
     none = portfw({"address": A, "port": 80, "check": {"type": "none"}})
     assert resource.complete("portfw", none) == resource.complete("portfw", plain)
+
+
+def test_quiet_chain_while_checks_run(svc):
+    """The probes' conntrack events are silenced only while checks run; a full re-sync
+    (drift repair) keeps the chain."""
+    assert "health_output" not in svc.nft.dump()
+    svc.health_quiet(True)
+    assert "meta mark 0x6d617364 ct state new ct event set 0x0" in svc.nft.dump()
+    assert render.HEALTH_QUIET_MARK == health.QUIET_MARK
+    svc._full_sync(None)
+    assert "health_output" in svc.nft.dump() and svc.nft.dump() == svc._ruleset.dump()
+    svc.health_quiet(False)
+    assert "health_output" not in svc.nft.dump()

@@ -5,8 +5,9 @@ textfile collector.
 Everything is read from the Service at scrape time, through its own read ops (`status`
 and `list`: snapshots off the service lock, so a scrape never blocks a writer), plus
 the pool maps through a kernel handle of this module's own. The `list` reading (all
-kernel counters: the expensive part, ~1 s at 100,000 PORTFW keys) is cached for
-`cache_seconds`; concurrent scrapes share one reading. Agent changes are counted by
+kernel counters: the expensive part, seconds at 100,000 PORTFW keys) and the text
+generated from it are made at most once per `cache_seconds`; concurrent scrapes and
+the textfile writer share that text. Agent changes are counted by
 InstrumentedService, a wrapper around `Service.handle` that the daemon gives the socket
 Server instead of the Service.
 
@@ -27,6 +28,11 @@ log = logging.getLogger("masqd.metrics")
 
 DEFAULT_CACHE_SECONDS = 5.0
 DEFAULT_TEXTFILE_INTERVAL = 15.0
+# A reading may take seconds (100,000 keys); the text is then kept for at least this
+# many times what the reading took, so readings use at most ~1/DUTY of the agent's time
+# however often it is scraped, but never longer than MAX_KEEP seconds (staleness bound).
+DUTY = 10
+MAX_KEEP = 60.0
 WRITE_OPS = ("add", "insert", "edit", "delete", "flush", "set", "schedule")
 # Change latency: from a no-op edit (~1 ms) to a whole 100,000-key `set` (seconds).
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -203,9 +209,10 @@ class ServiceCollector:
             listed = self._ok(self.service.handle({"op": "list"}), "list")["tables"]
             pools = self._pool_bindings(listed.get("masquerade", []))
             hits = self._mark_hits(listed.get("marks", []))
-            self._reading = Reading(status, listed, pools, hits, time.monotonic() - started, now)
+            reading = Reading(status, listed, pools, hits, time.monotonic() - started, now)
+            self._reading = reading if self.cache_seconds > 0 else None  # no reason to hold 100,000 entries
             self.readings += 1
-            return self._reading
+            return reading
 
     @staticmethod
     def _ok(response: Dict[str, Any], op: str) -> Dict[str, Any]:
@@ -341,17 +348,24 @@ class ServiceCollector:
         c = self.core
         took = c.GaugeMetricFamily("masqd_metrics_reading_seconds", "Time the last reading of the agent took "
                                    "(status, list, pool maps).")
-        age = c.GaugeMetricFamily("masqd_metrics_reading_age_seconds", "Age of the reading this scrape "
-                                  "returned (cached up to the cache time).")
         stamp = c.GaugeMetricFamily("masqd_metrics_reading_timestamp_seconds", "Unix time of this scrape's "
                                     "reading (textfile: stale when the agent stopped writing).")
         errors = c.CounterMetricFamily("masqd_metrics_reading_errors", "Readings of the agent that failed.")
         if r is not None:
             took.add_metric([], r.took)
-            age.add_metric([], max(0.0, self._clock() - r.at))
             stamp.add_metric([], r.wall)
         errors.add_metric([], self.errors)
-        yield from (took, age, stamp, errors)
+        yield from (took, stamp, errors)
+
+
+def _trim_heap() -> None:
+    """A `list` of 100,000 keys parses the kernel's JSON into many small objects; freed,
+    they stay in glibc's heap (the agent's RSS) unless trimmed, as masqd.nft does after
+    whole-table transactions."""
+    from masqd.nft import _malloc_trim  # pylint: disable=import-outside-toplevel
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 # --- serving ----------------------------------------------------------------------------
@@ -370,11 +384,14 @@ class Metrics:
         self.textfile, self.textfile_interval = textfile, textfile_interval
         self.registry = self.client.CollectorRegistry()
         self.changes = ChangeMetrics(self.client, self.registry)
-        self.collector = ServiceCollector(service, cache_seconds, kernel)
+        # The text is cached here; the collector reads afresh for each generation and
+        # keeps nothing (a reading of 100,000 keys is ~10^5 Python dicts).
+        self.collector = ServiceCollector(service, 0, kernel)
         self.registry.register(self.collector)
         self.client.ProcessCollector(registry=self.registry)
         self.service = InstrumentedService(service, self.changes)
         self.cache_seconds = cache_seconds
+        self.keep_seconds = cache_seconds  # max(cache_seconds, DUTY x the last generation's time)
         self._exposition: Optional[Tuple[float, bytes]] = None  # (clock, text) of the last generation
         self._exposition_lock = threading.Lock()
         self._httpd: Any = None
@@ -392,8 +409,13 @@ class Metrics:
         textfile writer in between get the same bytes."""
         with self._exposition_lock:
             now = time.monotonic()
-            if self._exposition is None or now - self._exposition[0] >= self.cache_seconds:
-                self._exposition = (now, self.client.generate_latest(self.registry))
+            if self._exposition is None or now - self._exposition[0] >= self.keep_seconds:
+                self._exposition = None
+                text = self.client.generate_latest(self.registry)
+                took = time.monotonic() - now
+                self.keep_seconds = max(self.cache_seconds, min(DUTY * took, MAX_KEEP))
+                self._exposition = (time.monotonic(), text)
+                _trim_heap()
             return self._exposition[1]
 
     def start(self) -> None:

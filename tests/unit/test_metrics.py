@@ -6,6 +6,7 @@ import gzip
 import os
 import shutil
 import subprocess
+import time
 import urllib.error
 import urllib.request
 
@@ -134,7 +135,7 @@ def test_the_list_is_cached_for_cache_seconds(svc):
     third, _ = samples(m.registry)
     assert third[("masqd_entries", (("table", "portfw"),))] == 0
     assert m.collector.readings == 2
-    assert third[("masqd_metrics_reading_age_seconds", ())] == 0
+    assert third[("masqd_metrics_reading_timestamp_seconds", ())] >= first[("masqd_metrics_reading_timestamp_seconds", ())]
     assert first[("masqd_state_revision", ())] == 1 and third[("masqd_state_revision", ())] == 2
     assert reader.calls == 0  # no pool rule: the pool maps are not read
 
@@ -241,8 +242,26 @@ def test_the_exposition_is_generated_once_per_cache_time(svc):
     first = m.exposition()
     ok(m.service, op="set", table="portfw", entries=[WEB])
     assert m.exposition() is first and m.collector.readings == 1
-    m.cache_seconds = m.collector.cache_seconds = 0
+    m.cache_seconds = m.keep_seconds = m.collector.cache_seconds = 0
     assert b'masqd_entries{table="portfw"} 1.0' in m.exposition() and m.collector.readings == 2
+
+
+def test_a_slow_reading_is_kept_duty_times_as_long(svc):
+    """However often it is scraped, the agent spends at most ~1/DUTY of its time reading."""
+    m = metrics.Metrics(svc, None, None, cache_seconds=0, kernel=lambda: FakeReader(svc.nft))
+
+    class SlowClient:
+        calls = 0
+
+        def generate_latest(self, _registry):
+            SlowClient.calls += 1
+            time.sleep(0.05)
+            return b"text %d" % SlowClient.calls
+
+    m.client = SlowClient()
+    first = m.exposition()
+    assert m.keep_seconds >= metrics.DUTY * 0.05
+    assert m.exposition() is first and SlowClient.calls == 1
 
 
 def test_textfile_in_a_missing_directory_is_refused(svc, tmp_path):

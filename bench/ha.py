@@ -14,6 +14,9 @@ once (a dead box). Measured, on CLOCK_MONOTONIC:
   - masqd's runtime state on the backup: the PORTFW schedule position is per box (the
     backup's own counters, untouched while it was backup); the flows' backends are
     whatever conntrackd carried (every flow keeps its server)
+  - masqd's AUTOFW recipient and pool binding on the backup (a separate lab): web1's
+    control connection (SNATed to the outside VIP through a pool) survives; fresh UDP
+    datagrams to the range reach web1 through the backup again after a failure
 
 The same again with conntrackd disabled (gateway_ha_conntrackd: false), to show what it
 buys. One run each (quick: 20 flows).
@@ -84,6 +87,63 @@ def _one(conntrackd, tcp_flows):
     }
 
 
+AUTOFW = [{"protocol": "udp", "low_port": 6970, "high_port": 7170, "control_protocol": "tcp",
+           "control_port": 7070, "timeout": 15}]
+# SNAT to the outside VIP (a one-address pool): plain masquerade would use gw1's own
+# 198.51.100.2, which the backup does not have. Out of eth0 only: without it the rule
+# also matches the gateways' own VRRP adverts from 10.16.0.2/.3 to 224.0.0.18 (seen).
+MASQUERADE = [{"name": "inside-out", "source": "10.16.0.0/24", "destination": "10.16.0.0/24",
+               "destination_invert": True, "output_interface": "eth0", "pool": [hp.OUTSIDE_VIP]}]
+
+
+def _autofw_recipients(lab, host):
+    try:
+        doc = hp.masqctl(lab, host, "autofw", "-L")
+    except Exception as exc:  # the benchmark records what it could not read
+        return {"error": str(exc)[:200]}
+    return doc
+
+
+def _runtime_state():
+    """masqd's runtime state across a failover: an AUTOFW control-port entry (web1's
+    control connection to the client's port 7070 makes web1 the recipient of the UDP
+    range) and the inside network SNATed to the outside VIP through a pool."""
+    from reliability_flows import Stream, start_echo
+    with Lab("ha") as lab:
+        hp.converge(lab, extra={"gateway_autofw": AUTOFW, "gateway_masquerade": MASQUERADE})
+        hp.wait_master(lab, "gw1", timeout=20)
+        start_echo(lab, "client", 7070, 300)          # the outside "streaming server"
+        start_echo(lab, "web1", 7000, 300)            # the inside recipient of the range
+        control = Stream(lab, "web1", "tcp", "198.51.100.10", 7070, rate=5, max_seconds=120)
+        try:
+            time.sleep(1.5)
+            out = {"gw1_autofw_before": _autofw_recipients(lab, "gw1"),
+                   "gw2_autofw_before": _autofw_recipients(lab, "gw2"),
+                   "gw1_pool_before": hp.pool_elements(lab, "gw1"),
+                   "gw2_pool_before": hp.pool_elements(lab, "gw2")}
+            probe = hp.Prober(lab, seconds=30, port=7000, kind="udpprobe")
+            time.sleep(1.0)
+            t_fail = time.monotonic()
+            hp.set_links(lab, "gw1", False)
+            t_dead = time.monotonic()
+            hp.wait_master(lab, "gw2", timeout=10)
+            time.sleep(4.0)
+            attempts = probe.finish()
+            out.update({"gw2_autofw_after": _autofw_recipients(lab, "gw2"),
+                        "gw2_pool_after": hp.pool_elements(lab, "gw2")})
+        finally:
+            summary = control.finish()
+    ok_before = [a for a in attempts if a[2] and a[0] < t_fail]
+    ok_after = [end for start, end, good, _b in attempts if good and start >= t_dead]
+    out.update({
+        "control_connection": {"error": summary["error"], "sent": summary["sent"], "lost": summary["lost"]},
+        "autofw_datagrams_answered_before": len(ok_before),
+        "failure_to_autofw_forwarding_on_backup_s": round(min(ok_after) - t_fail, 3) if ok_after else None,
+        "autofw_datagrams_answered_after": len(ok_after),
+    })
+    return out
+
+
 def run(quick=False):
     tcp_flows = 20 if quick else 100
     out = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -95,6 +155,9 @@ def run(quick=False):
         log("ha: %s, %d TCP flows + UDP %d/s", name, tcp_flows, UDP_RATE)
         out["runs"][name] = _one(conntrackd, tcp_flows)
         log("ha: %s", out["runs"][name])
+    log("ha: masqd runtime state (AUTOFW recipient, pool binding) across a failover")
+    out["runtime_state"] = _runtime_state()
+    log("ha: %s", out["runtime_state"])
     r = out["runs"]["conntrackd"]
     out["targets"] = {
         "%d/%d TCP flows continue with no reset" % (tcp_flows, tcp_flows): r["tcp_continuing"] == tcp_flows,

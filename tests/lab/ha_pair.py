@@ -12,10 +12,14 @@ Run inside the client's namespace as a script (standard library only, bounded lo
       a new TCP connection attempt every 20 ms (each may take 0.5 s); prints every
       attempt as [start, end, ok, backend] on CLOCK_MONOTONIC (one clock for every
       namespace; backend: the server that echoed).
+  udpprobe DST PORT SECONDS
+      a fresh UDP socket (so a new conntrack entry) every 20 ms, each waiting 0.5 s for
+      its echo; prints every datagram as [start, end, ok, backend] like prober.
 """
 
 import json
 import os
+import random
 import selectors
 import signal
 import socket
@@ -75,6 +79,10 @@ def cmd_flows(dst, port, tcp_count, udp_rate, seconds):
             usent.append(now)
             next_udp += udp_interval
         if grace_end is None and now >= next_tcp:
+            # A fresh order each round: a backup that picks flows up mid-stream (no
+            # conntrackd) must not see them in creation order, which would line its round
+            # robin up with the master's by construction (all or nothing).
+            random.shuffle(flows)
             for flow in flows:
                 if flow["error"] is None:
                     try:
@@ -113,6 +121,7 @@ def cmd_flows(dst, port, tcp_count, udp_rate, seconds):
             ready = True
             print(json.dumps({"ready": True, "errors": sum(1 for f in flows if f["error"])}), flush=True)
     lost = [seq for seq in range(len(usent)) if seq not in uechoed]
+    flows.sort(key=lambda f: f["id"])
     summary = {
         "tcp": [{"id": f["id"], "sent": f["sent"], "echoed": len(f["echoed"]), "error": f["error"],
                  "backends": f["backends"]} for f in flows],
@@ -172,6 +181,47 @@ def cmd_prober(dst, port, seconds):
     print(json.dumps({"attempts": attempts}), flush=True)
 
 
+def cmd_udpprobe(dst, port, seconds):
+    port, deadline = int(port), time.monotonic() + float(seconds)
+    stop = []
+    signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+    sel = selectors.DefaultSelector()
+    attempts, pending = [], {}
+    next_start = time.monotonic()
+    print(json.dumps({"ready": True}), flush=True)
+    while (not stop and time.monotonic() < deadline) or pending:
+        now = time.monotonic()
+        if not stop and now < deadline and now >= next_start and len(pending) < 40:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            sock.setblocking(False)
+            try:
+                sock.sendto(b"probe\n", (dst, port))
+            except OSError:
+                pass
+            pending[sock] = now
+            sel.register(sock, selectors.EVENT_READ, now)
+            next_start = now + 0.02
+        for key, _mask in sel.select(timeout=0.005):
+            sock, start = key.fileobj, key.data
+            try:
+                answer = sock.recv(4096)
+            except OSError:
+                answer = b""
+            ok = answer.endswith(b" probe\n")
+            attempts.append([start, time.monotonic(), ok, answer.split(b" ")[0].decode() if ok else None])
+            sel.unregister(sock)
+            sock.close()
+            del pending[sock]
+        now = time.monotonic()
+        for sock, start in list(pending.items()):
+            if now - start > 0.5:
+                attempts.append([start, now, False, None])
+                sel.unregister(sock)
+                sock.close()
+                del pending[sock]
+    print(json.dumps({"attempts": attempts}), flush=True)
+
+
 # -- helpers for tests and the benchmark ----------------------------------------------------
 
 def _ready(proc, timeout, what):
@@ -205,10 +255,11 @@ class Flows:
 
 
 class Prober:
-    """New connections through the outside VIP, one every 20 ms."""
+    """New connections through the outside VIP, one every 20 ms (kind udpprobe: datagrams
+    from fresh sockets)."""
 
-    def __init__(self, lab, seconds=30, port=PORT):
-        self.proc = lab.spawn("client", [sys.executable, SCRIPT, "prober", OUTSIDE_VIP, str(port),
+    def __init__(self, lab, seconds=30, port=PORT, kind="prober"):
+        self.proc = lab.spawn("client", [sys.executable, SCRIPT, kind, OUTSIDE_VIP, str(port),
                                          str(seconds)],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         _ready(self.proc, 10, "prober")
@@ -346,9 +397,28 @@ def external_cache_size(lab, host):
     return None
 
 
-def start_servers(lab, lifetime=600):
+def start_servers(lab, lifetime=600, port=PORT, hosts=("web1", "web2")):
     from reliability_flows import start_echo
-    return [start_echo(lab, host, PORT, lifetime) for host in ("web1", "web2")]
+    return [start_echo(lab, host, port, lifetime) for host in hosts]
+
+
+def masqctl(lab, host, *args):
+    """`masqctl --json ARGS` against `host`'s own agent, parsed."""
+    run = run_dir(lab, host)
+    out = lab.run(host, [os.path.join(run, "bin", "masqctl"), "--socket", os.path.join(run, "masqd.sock"),
+                         "--json"] + list(args), timeout=20, check=True).stdout
+    return json.loads(out)
+
+
+def pool_elements(lab, host):
+    """{set name: [element text]} of masqd's pool sets in `host`'s kernel (host <-> address)."""
+    out = lab.run(host, ["nft", "-j", "list", "table", "inet", "masqd"], timeout=20, check=True).stdout
+    found = {}
+    for item in json.loads(out)["nftables"]:
+        obj = item.get("map") or item.get("set")
+        if obj and obj["name"].startswith("pool_"):
+            found[obj["name"]] = [json.dumps(e) for e in obj.get("elem", [])]
+    return found
 
 
 def tcp_survivors(summary):
@@ -357,4 +427,4 @@ def tcp_survivors(summary):
 
 
 if __name__ == "__main__":
-    {"flows": cmd_flows, "prober": cmd_prober}[sys.argv[1]](*sys.argv[2:])
+    {"flows": cmd_flows, "prober": cmd_prober, "udpprobe": cmd_udpprobe}[sys.argv[1]](*sys.argv[2:])

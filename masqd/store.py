@@ -308,8 +308,8 @@ class Store:
                         _check_record(rec)
                     except _Bad as exc:
                         problem, torn = str(exc), False
-            if problem is not None:
-                return records, pos, (number, problem, torn and is_last)
+            if problem is not None or rec is None:
+                return records, pos, (number, problem or "empty record", torn and is_last)
             records.append((number, rec))
             pos = nl + 1
         return records, pos, None

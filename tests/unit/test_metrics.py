@@ -148,8 +148,8 @@ def test_mfw_autofw_pool_and_marks(svc):
         {"name": "rest", "mark": 3, "source": "203.0.113.0/24", "source_invert": True, "input_interface": "eth0"}])
     ok(svc, op="set", table="autofw", entries=[
         {"protocol": "udp", "low_port": 6970, "high_port": 7170, "hidden_host": "10.16.0.27"}])
-    ok(svc, op="set", table="masquerade", entries=[{"name": "inside", "source": "10.16.0.0/24",
-                                                     "pool": ["198.51.100.2", "198.51.100.3"]}])
+    pool_rule = {"name": "inside", "source": "10.16.0.0/24", "pool": ["198.51.100.2", "198.51.100.3"]}
+    ok(svc, op="set", table="masquerade", entries=[pool_rule])
     out_map = render.pool_map_names(ok(svc, op="get", table="masquerade")["result"]["entries"][0])[0]
     svc.nft.elements.setdefault(out_map, {}).update({"10.16.0.27": "198.51.100.2", "10.16.0.28": "198.51.100.3"})
     svc.nft.rule_counters = {render.mfw_chain_name(1): [4]}
@@ -163,8 +163,8 @@ def test_mfw_autofw_pool_and_marks(svc):
 
 def test_mark_hits_absent_while_the_classifier_has_no_counters(svc):
     m, _reader = make(svc, chain_counts=[])
-    ok(svc, op="set", table="marks", entries=[{"name": "friend", "mark": 1, "source": "203.0.113.0/24",
-                                                "input_interface": "eth0"}])
+    friend = {"name": "friend", "mark": 1, "source": "203.0.113.0/24", "input_interface": "eth0"}
+    ok(svc, op="set", table="marks", entries=[friend])
     got, _text = samples(m.registry)
     assert not any(name == "masqd_mark_classifier_hits_total" for name, _ in got)
     assert got[("masqd_entries", (("table", "marks"),))] == 1

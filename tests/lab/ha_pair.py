@@ -297,14 +297,15 @@ def run_dir(lab, host):
 
 
 def converge(lab, conntrackd=True, timeout=400, extra=None):
-    """playbooks/ha.yml against the lab; returns the CompletedProcess (check=True)."""
+    """playbooks/ha.yml against the lab; returns the CompletedProcess, raises AssertionError
+    with the play's output when it fails."""
     extra_vars = {"lab_prefix": lab.prefix, "gateway_ha_conntrackd": conntrackd}
     extra_vars.update(extra or {})
     env = dict(os.environ, ANSIBLE_COLLECTIONS_PATH=os.environ.get("ANSIBLE_COLLECTIONS_PATH", ""),
                ANSIBLE_PIPELINING="true", ANSIBLE_FORCE_COLOR="0")
     proc = subprocess.run([PLAYBOOK_BIN, "-i", os.path.join(REPO, "inventory", "ha.yml"),
                            "-e", json.dumps(extra_vars), os.path.join(REPO, "playbooks", "ha.yml")],
-                          capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env)
+                          capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env, check=False)
     if proc.returncode != 0:
         raise AssertionError("playbooks/ha.yml failed (rc %d):\n%s\n%s"
                              % (proc.returncode, proc.stdout[-6000:], proc.stderr[-3000:]))

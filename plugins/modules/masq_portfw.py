@@ -97,8 +97,8 @@ options:
                 type: int
       failback:
         description:
-          - For a pref-0 (failover) list (PORTFW always fails back: it has no head to keep); with V(false) (the default) a
-            recovering backend does not take over again from the one that replaced it.
+          - Accepted for symmetry with M(ipmasq.gateway.masq_mfw); PORTFW has no head to
+            keep, so a recovered backend of a pref-0 list always takes over again.
         type: bool
       all_down:
         description:

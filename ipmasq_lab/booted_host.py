@@ -217,8 +217,9 @@ class BootedHost:
         """Run a shell command on the host over SSH, from the controller's namespace."""
         result = nsexec.run(self.controller_netns, self.ssh_argv(command), timeout=timeout)
         if check and result.returncode != 0:
-            raise LabError("%s: %r failed (%d): %s" % (self.host, command, result.returncode,
-                                                     (result.stderr or result.stdout).strip()))
+            output = (result.stderr or result.stdout).strip()
+            raise LabError("%s: %r failed (%d): %s"
+                           % (self.host, command, result.returncode, output))
         return result
 
     def wait_ready(self, timeout=None, previous_boot=None):

@@ -99,7 +99,7 @@ def machine_mirror():
     for path in sorted(glob.glob("/etc/apt/sources.list.d/*.sources")):
         with open(path, encoding="utf-8") as handle:
             for line in handle:
-                key, _, value = line.partition(":")
+                key, _sep, value = line.partition(":")
                 uri = value.strip().split(" ")[0]
                 if key.strip() == "URIs" and uri.rstrip("/").endswith("/debian"):
                     return uri

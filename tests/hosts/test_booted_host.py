@@ -28,8 +28,8 @@ def leftovers(prefix, records):
     for rec in records.values():
         if os.path.lexists(rec["copy"]):
             found.append(rec["copy"])
-        if booted_host._alive(rec["supervisor_pid"], "%s %s" % (booted_host.SUPERVISOR_NAME,
-                                                                 rec["machine"])):
+        marker = "%s %s" % (booted_host.SUPERVISOR_NAME, rec["machine"])
+        if booted_host._alive(rec["supervisor_pid"], marker):
             found.append("supervisor %d" % rec["supervisor_pid"])
     if registry.read(prefix) is not None:
         found.append("registry record")
@@ -120,6 +120,6 @@ def test_a_killed_owner_leaves_a_host_that_ipmasq_lab_down_removes(tmp_path):
     time.sleep(0.2)
     assert record["gw"]["copy"] in leftovers(prefix, record)  # nothing tore it down
     down = subprocess.run([os.path.join(os.path.dirname(sys.executable), "ipmasq-lab"), "down",
-                           prefix], capture_output=True, text=True, timeout=120)
+                           prefix], capture_output=True, text=True, timeout=120, check=False)
     assert down.returncode == 0, down.stderr
     assert leftovers(prefix, record) == []

@@ -26,7 +26,8 @@ from bench.common import GATEWAY_IN, log, median
 
 PORT = 9339
 WRITE_EVERY = 2.0  # seconds between the API client's add + delete pairs
-READING_LIMIT = 120  # seconds a first scrape may take before it counts as not finished
+READING_LIMIT = 300  # seconds a first scrape may take before it counts as not finished
+READING_LIMIT_WRITES = 120  # the same with writes (enough to show it does not finish)
 LISTEN = "%s:%d" % (GATEWAY_IN, PORT)
 
 # argv: URL, seconds, max scrapes -> [[seconds, bytes, samples], ...]
@@ -85,7 +86,7 @@ class MetricsAgent(common.Agent):
 
 def _scrape(lab, scraper, seconds, most):
     r = lab.run("server", [common.PYTHON, scraper, "http://%s/metrics" % LISTEN, str(seconds), str(most)],
-                timeout=seconds + 120)
+                timeout=seconds * (most + 1) + 60)
     if r.returncode != 0:
         raise RuntimeError("scraper failed: %s" % r.stderr[-2000:])
     return json.loads(r.stdout)
@@ -135,6 +136,7 @@ def _latency_summary(rows):
 def _one(lab, work, scraper, size, cache, seconds, warm_scrapes, write_every):
     agent = MetricsAgent(lab, "gateway", os.path.join(work, "c%s-%d-%s" % (cache, size, write_every)), cache)
     agent.preload({"portfw": _entries(size)})
+    limit = READING_LIMIT if write_every is None else READING_LIMIT_WRITES
     start_s = agent.start()
     try:
         common.wait_port(lab, "server", GATEWAY_IN, PORT, timeout=30)
@@ -147,18 +149,22 @@ def _one(lab, work, scraper, size, cache, seconds, warm_scrapes, write_every):
         def cold_scrape():
             time.sleep(0.3)
             try:
-                result["cold"] = _scrape(lab, scraper, READING_LIMIT, 1)
+                result["cold"] = _scrape(lab, scraper, limit, 1)
             except Exception as exc:  # the reading did not finish in time: that is the result
                 result["error"] = str(exc)[-300:]
 
         thread = threading.Thread(target=cold_scrape)
         thread.start()
-        during = _api_latencies(agent, READING_LIMIT + 5, stop=lambda: not thread.is_alive(), write_every=write_every)
-        thread.join(timeout=READING_LIMIT)
+        during = _api_latencies(agent, limit + 5, stop=lambda: not thread.is_alive(), write_every=write_every)
+        thread.join(timeout=limit + 60)
         rss_after_reading = agent.rss_kib()
-        warm = _scrape(lab, scraper, 60, warm_scrapes)  # within the cache time
+        try:  # within the cache time (after a reading that did not finish: waits for it)
+            warm = _scrape(lab, scraper, limit, warm_scrapes)
+            reading_s = _reading_seconds(lab)
+        except Exception as exc:  # a timeout: recorded, the run goes on
+            warm, reading_s = [], None
+            result.setdefault("error", "warm scrapes: %s" % str(exc)[-200:])
         rss_after = agent.rss_kib()
-        reading_s = _reading_seconds(lab)
     finally:
         agent.stop()
     cold = result.get("cold", [])
@@ -212,7 +218,7 @@ def run(quick=False):
               "duty": "text kept max(cache, 10 x reading time)",
               "scraper": "server namespace, HTTP over the lab link", "statistic": "median; p50/p99 for the API",
               "api": "status every 10 ms; alone, then with an add + delete of one backend every %.0f s"
-                     % WRITE_EVERY, "reading_limit_s": READING_LIMIT}
+                     % WRITE_EVERY, "reading_limit_s": READING_LIMIT, "reading_limit_writes_s": READING_LIMIT_WRITES}
     return {"targets": targets, "method": method, "rows": rows, "summary": _summary(rows)}
 
 

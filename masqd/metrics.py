@@ -33,6 +33,7 @@ DEFAULT_TEXTFILE_INTERVAL = 15.0
 # however often it is scraped, but never longer than MAX_KEEP seconds (staleness bound).
 DUTY = 10
 MAX_KEEP = 60.0
+DUTY_AFTER = 1.0  # seconds: quicker readings keep exactly the cache time
 WRITE_OPS = ("add", "insert", "edit", "delete", "flush", "set", "schedule")
 # Change latency: from a no-op edit (~1 ms) to a whole 100,000-key `set` (seconds).
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -413,7 +414,8 @@ class Metrics:
                 self._exposition = None
                 text = self.client.generate_latest(self.registry)
                 took = time.monotonic() - now
-                self.keep_seconds = max(self.cache_seconds, min(DUTY * took, MAX_KEEP))
+                slow = took >= DUTY_AFTER
+                self.keep_seconds = max(self.cache_seconds, min(DUTY * took, MAX_KEEP)) if slow else self.cache_seconds
                 self._exposition = (time.monotonic(), text)
                 _trim_heap()
             return self._exposition[1]

@@ -1,6 +1,6 @@
 """Health checks, pure logic: the `check` contract, fall/rise counting, live schedules,
 pref-0 failover heads, all-down policies, one transaction per change of state (the
-fake kernel). The real probes against real servers: tests/lab/test_health.py."""
+fake kernel). The real probes against real servers: tests/lab/test_health_live.py."""
 
 import asyncio
 import socket

@@ -1,6 +1,6 @@
 """masqd.metrics over a Service on the fake kernel: the exposition's values, the cache,
 the change counters, the HTTP endpoint and the textfile (the real kernel and real
-traffic: tests/lab/test_metrics.py)."""
+traffic: tests/lab/test_metrics_live.py)."""
 
 import gzip
 import os

@@ -22,6 +22,7 @@ tests/lab/autofw_latency.py (ctnetlink NEW events carry no timestamp to compute 
 import asyncio
 import concurrent.futures
 import logging
+import select
 import socket
 import statistics
 import threading
@@ -246,6 +247,10 @@ class AutofwWatcher:
         self.running = True
         self._ready.set()
         while not self._stop.is_set():
+            # Closing the socket from stop() does not wake a blocked recv on Linux:
+            # wait with a timeout so the agent stops within half a second.
+            if not select.select([sock], [], [], 0.5)[0]:
+                continue
             try:
                 messages = sock.get()
             except OSError:

@@ -151,7 +151,7 @@ class KernelReader:
 
     def chain_counters(self, chain: str) -> List[int]:
         import json
-        ctx = self._nft._nft  # pylint: disable=protected-access  (pip-nftables' Nftables)
+        ctx = self._nft._nft  # pylint: disable=protected-access
         ctx.set_json_output(True)
         try:
             rc, out, _err = ctx.cmd("list chain %s %s" % (render.QUALIFIED, chain))

@@ -126,7 +126,7 @@ def test_metrics_count_the_seeds_15_and_5_like_masq_info(gateway, seed_lab, text
                  for e in info["portfw"] for b in e["backends"]}
     assert from_info == backend_connections(after)
     assert info["status"]["revision"] == after[("masqd_state_revision", ())]
-    assert {t: n for t, n in info["status"]["tables"].items()} == {
+    assert dict(info["status"]["tables"]) == {
         dict(labels)["table"]: v for (name, labels), v in after.items() if name == "masqd_entries"}
 
 

@@ -125,14 +125,14 @@ def test_the_list_is_cached_for_cache_seconds(svc):
     clock = Clock()
     m, reader = make(svc, clock=clock, cache=5.0)
     ok(svc, op="set", table="portfw", entries=[WEB])
-    first, _ = samples(m.registry)
+    first, _text = samples(m.registry)
     ok(svc, op="set", table="portfw", entries=[])  # within the cache time: still the old reading
     clock.now += 4.9
-    second, _ = samples(m.registry)
+    second, _text = samples(m.registry)
     assert second[("masqd_entries", (("table", "portfw"),))] == 1
     assert m.collector.readings == 1
     clock.now += 0.2
-    third, _ = samples(m.registry)
+    third, _text = samples(m.registry)
     assert third[("masqd_entries", (("table", "portfw"),))] == 0
     assert m.collector.readings == 2
     assert third[("masqd_metrics_reading_timestamp_seconds", ())] >= first[("masqd_metrics_reading_timestamp_seconds", ())]
@@ -166,7 +166,7 @@ def test_mark_hits_absent_while_the_classifier_has_no_counters(svc):
     friend = {"name": "friend", "mark": 1, "source": "203.0.113.0/24", "input_interface": "eth0"}
     ok(svc, op="set", table="marks", entries=[friend])
     got, _text = samples(m.registry)
-    assert not any(name == "masqd_mark_classifier_hits_total" for name, _ in got)
+    assert not any(name == "masqd_mark_classifier_hits_total" for name, _labels in got)
     assert got[("masqd_entries", (("table", "marks"),))] == 1
 
 

@@ -23,7 +23,6 @@ MARK, PORT = 7, 8000
 SERVERS = {"server": "10.16.0.10", "server2": "10.16.0.11"}
 
 
-
 def run(quick=False):
     trials = 3 if quick else 10
     spec = common.triple_spec("failover", extra_servers=1)

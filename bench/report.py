@@ -300,7 +300,7 @@ def health_section(doc):
             + "\n" + table(["CPU, % of one core", "value"], cost_rows)
             + "\nMemory over the %s s soak: RSS %s → %s KiB (growth %s KiB, first third vs last third "
               "of the samples).\n\n" % (m.get("soak_s"), c.get("rss_kib_first"), c.get("rss_kib_last"),
-                                        f(c.get("rss_growth_kib"), "%.0f")))
+                                          f(c.get("rss_growth_kib"), "%.0f")))
 
 
 def drift_section(doc):

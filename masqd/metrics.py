@@ -458,7 +458,9 @@ class Metrics:
         except OSError as exc:
             raise MetricsError("--metrics-listen %s: %s" % (endpoint(host, port), exc)) from None
         self._spawn(self._httpd.serve_forever, "masqd-metrics-http")
-        log.info("metrics on http://%s/metrics", endpoint(*self.address))
+        host_port = self.address
+        if host_port is not None:
+            log.info("metrics on http://%s/metrics", endpoint(*host_port))
 
     def write_textfile(self) -> None:
         """PATH.<pid>.tmp, then renamed over PATH: node_exporter never reads half a file."""

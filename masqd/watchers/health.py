@@ -331,18 +331,18 @@ class HealthWatcher:
         self.quiet: Optional[bool] = None  # the table's health_output chain, when known
         self._seq = random.randrange(0x10000)
         self._thread: Optional[threading.Thread] = None
-        self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self._loop: Any = None  # the running asyncio loop, once started
         self._stop: Optional[asyncio.Event] = None
         self._started = threading.Event()
         self._commits = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="masqd-health-commit")
         self._revision = None
         self._heap: list = []
         self._order = itertools.count()
-        self._timer = None
-        self._timer_at = None
+        self._timer: Any = None
+        self._timer_at: Optional[float] = None
         self._waiting: list = []
         self._tasks: set = set()
-        self._tcp: Optional[TcpProbes] = None
+        self._tcp: Any = None  # TcpProbes, once the loop runs
 
     # --- the Watcher interface --------------------------------------------------------
 
@@ -490,7 +490,7 @@ class HealthWatcher:
     async def _probe(self, address: str, port: Optional[int], check: Dict[str, Any]) -> Tuple[bool, Optional[str]]:
         try:
             if check["type"] == "http":
-                coro = probe_http(address, port, check)
+                coro = probe_http(address, int(port or 0), check)
             else:
                 self._seq = (self._seq + 1) & 0xFFFF
                 coro = probe_icmp(address, self.icmp, self._seq)
@@ -526,7 +526,10 @@ class HealthWatcher:
             return
         st.pending = True
         future = self._loop.run_in_executor(self._commits, self._commit, target, want)
-        future.add_done_callback(lambda f, st=st, want=want: self._committed(st, want, f))
+        def committed(f: Any, st: Any = st, want: str = want) -> None:
+            self._committed(st, want, f)
+
+        future.add_done_callback(committed)
 
     def _commit(self, target: Target, want: str):
         table, key, address, port = target

@@ -140,7 +140,7 @@ def masqctl_process(args, prefix=()):
     env = dict(os.environ, PYTHONPATH=REPO)
     env.pop("MASQD_SOCKET", None)
     return subprocess.run(list(prefix) + MASQCTL + list(args), capture_output=True, text=True, timeout=60,
-                          env=env, cwd=REPO)
+                          env=env, cwd=REPO, check=False)
 
 
 def assert_one_clear_line(result, code=1, expect=""):

@@ -294,13 +294,14 @@ def health_section(doc):
     cost_rows = [("masqd, %s checked backends at 1 s" % keys, f(c.get("masqd_cpu_percent"))),
                  ("masqd, same keys, no checks", f(c.get("masqd_baseline_cpu_percent"))),
                  ("HAProxy, %s servers `check inter 1000`" % keys, f(c.get("haproxy_cpu_percent")))]
+    memory = ("\nMemory over the %s s soak: RSS %s → %s KiB (growth %s KiB, first third vs last third "
+              "of the samples).\n\n" % (m.get("soak_s"), c.get("rss_kib_first"), c.get("rss_kib_last"),
+                                        f(c.get("rss_growth_kib"), "%.0f")))
     return ("## Health checks (masqd vs HAProxy `check inter 100 fall 2 rise 2`)\n\n%s\n\n" % _method(doc)
             + table(["checker", "death → last new connection to it, ms", "back → first answer from it, ms",
                      "failed probes (5 ms apart)"], rows)
             + "\n" + table(["CPU, % of one core", "value"], cost_rows)
-            + "\nMemory over the %s s soak: RSS %s → %s KiB (growth %s KiB, first third vs last third "
-              "of the samples).\n\n" % (m.get("soak_s"), c.get("rss_kib_first"), c.get("rss_kib_last"),
-                                          f(c.get("rss_growth_kib"), "%.0f")))
+            + memory)
 
 
 def drift_section(doc):

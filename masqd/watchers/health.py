@@ -526,6 +526,7 @@ class HealthWatcher:
             return
         st.pending = True
         future = self._loop.run_in_executor(self._commits, self._commit, target, want)
+
         def committed(f: Any, st: Any = st, want: str = want) -> None:
             self._committed(st, want, f)
 

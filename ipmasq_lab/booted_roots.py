@@ -20,6 +20,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import time
 
 from .errors import LabError
@@ -230,7 +231,7 @@ def main(argv=None):
     for release in releases:
         started = time.monotonic()
         path = ensure(release)
-        print("%s: %s (%.0f s)" % (release, path, time.monotonic() - started))
+        sys.stdout.write("%s: %s (%.0f s)\n" % (release, path, time.monotonic() - started))
     return 0
 
 

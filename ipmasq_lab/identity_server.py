@@ -25,6 +25,12 @@ import time
 IP_PKTINFO = 8  # linux/in.h; Python's socket module lacks the name
 
 
+def _say(message):
+    """One JSON line on stdout: the starter's handshake."""
+    sys.stdout.write(json.dumps(message) + "\n")
+    sys.stdout.flush()
+
+
 def normalize_address(addr):
     ip = ipaddress.ip_address(addr.split("%")[0])
     if ip.version == 6 and ip.ipv4_mapped:
@@ -97,8 +103,7 @@ def serve(args):
         sel.register(bind(proto, args.address, args.port), selectors.EVENT_READ, proto)
     stop = []
     signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
-    print(json.dumps({"ready": True, "pid": os.getpid(), "host": args.name,
-                      "port": args.port, "protocol": args.protocol}), flush=True)
+    _say({"ready": True, "pid": os.getpid(), "host": args.name, "port": args.port, "protocol": args.protocol})
     # Nobody reads our output after the handshake (the starter may be gone): detach.
     devnull = os.open(os.devnull, os.O_RDWR)
     os.dup2(devnull, 0)
@@ -131,9 +136,8 @@ def main(argv=None):
     try:
         serve(args)
     except OSError as exc:
-        print(json.dumps({"ready": False, "error": "%s: %s" % (type(exc).__name__, exc)}),
-              flush=True)
-        sys.exit(1)
+        _say({"ready": False, "error": "%s: %s" % (type(exc).__name__, exc)})
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

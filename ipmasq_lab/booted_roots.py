@@ -226,7 +226,6 @@ def ensure(release, packages=PACKAGES):
 
 def main(argv=None):
     """python -m ipmasq_lab.booted_roots [RELEASE...]: build (or check) cached roots."""
-    import sys
     releases = (argv if argv is not None else sys.argv[1:]) or list(RELEASES)
     for release in releases:
         started = time.monotonic()

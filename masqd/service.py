@@ -55,6 +55,7 @@ class Service:
         self.watchers = {}  # name -> running watcher (masqd.watchers), for status
         self.clock = time.monotonic
         self.drift = DriftRecord()
+        self.full_syncs = 0  # whole-table transactions: start, drift repair, failed incremental apply
         self._readers = _Readers(self._kernel)  # kernel handles for reads off the lock
         self._seen_timed = None  # (clock, KernelTable.timed) of the last verification
 
@@ -125,6 +126,7 @@ class Service:
         txn.ops += carried + bindings
         self.nft.apply(txn)
         self._ruleset = ruleset
+        self.full_syncs += 1
         if previous is not None:
             log.info("full re-sync: %d schedules continued, %d AUTOFW recipients and %d pool bindings kept",
                      len(phases), len(carried) // 2, len(bindings))
@@ -284,7 +286,7 @@ class Service:
                        "socket": self.socket_path, "state_file": self.store.path,
                        "autofw_watcher": watcher,
                        "watchers": {name: w.stats() for name, w in self.watchers.items() if w is not None},
-                       "drift": self.drift.as_dict(),
+                       "drift": self.drift.as_dict(), "full_syncs": self.full_syncs,
                        "warnings": rp_filter_warnings(self._tables["marks"].values())}
 
     def _op_get(self, request):
@@ -629,6 +631,7 @@ class Service:
         except NftError:
             raise KernelRejected(_kernel_error(field, first)) from None
         self.nft.apply(full)
+        self.full_syncs += 1
         self.autofw.live = {}  # the re-created table holds no detected recipients
 
     def _rollback(self, new_rs, fids):

@@ -37,6 +37,7 @@ def snapshot(svc):
 
 def test_start_creates_exactly_the_table(svc):
     assert svc.nft.dump() == render.render({}).dump()
+    assert ok(svc, op="status")["result"]["full_syncs"] == 1
     assert ok(svc, op="status")["result"]["tables"] == {t: 0 for t in ("portfw", "autofw", "mfw", "marks", "masquerade")}
 
 

@@ -10,7 +10,7 @@ again (its ready line). Measured per trial, alternating masqd and HAProxy:
   recovery = first answer from the restarted server - t_back
 
 Cost: 1,000 PORTFW keys, each with one tcp-checked backend at a 1 s interval (1,000
-checks a second against an accept-and-close listener), the agent's CPU (utime+stime
+checks a second, each against its own port of an accept-and-close listener), the agent's CPU (utime+stime
 of all its threads, /proc) over a window, and its RSS sampled through the window (a
 soak after a warm-up of 30/60 s: 10 minutes in the full run, 60 s with --quick;
 HEALTH_SOAK=SECONDS overrides). HAProxy with 1,000 servers
@@ -34,12 +34,20 @@ COST_KEYS = 1000
 PROBE_SECONDS, DIE_AT, BACK_AT = 2.6, 0.6, 1.4
 
 SINK = r"""
-import socket, sys
-s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("0.0.0.0", int(sys.argv[1]))); s.listen(4096)
+import selectors, socket, sys
+sel = selectors.DefaultSelector()
+base, count = int(sys.argv[1]), int(sys.argv[2])
+for port in range(base, base + count):
+    s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("0.0.0.0", port)); s.listen(128); s.setblocking(False)
+    sel.register(s, selectors.EVENT_READ)
 print("ready", flush=True)
 while True:
-    c, _ = s.accept(); c.close()
+    for key, _ in sel.select():
+        try:
+            c, _ = key.fileobj.accept(); c.close()
+        except BlockingIOError:
+            pass
 """
 
 
@@ -143,16 +151,19 @@ def _haproxy_failover_conf(work):
 
 def _cost(lab, agent, work, soak, quick):
     """The agent's CPU and memory with 1,000 checked backends at 1 s, vs none; HAProxy's."""
-    sink = lab.spawn("server", [common.PYTHON, "-c", SINK, str(SINK_PORT)], stdout=subprocess.PIPE,
+    sink = lab.spawn("server", [common.PYTHON, "-c", SINK, str(SINK_PORT), str(COST_KEYS)], stdout=subprocess.PIPE,
                      stderr=subprocess.DEVNULL, text=True)
     sink.stdout.readline()
     try:
         def keys(check):
-            backend = {"address": SERVERS["server"], "port": SINK_PORT}
-            if check:
-                backend["check"] = {"type": "tcp", "interval": 1.0}
+            def backend(i):
+                # One listening port per backend: 1,000 distinct checks, as HAProxy's.
+                b = {"address": SERVERS["server"], "port": SINK_PORT + i}
+                if check:
+                    b["check"] = {"type": "tcp", "interval": 1.0}
+                return b
             return [{"protocol": "tcp", "local_address": GATEWAY_OUT, "local_port": 20000 + i,
-                     "backends": [dict(backend)]} for i in range(COST_KEYS)]
+                     "backends": [backend(i)]} for i in range(COST_KEYS)]
 
         with agent.client() as c:
             c.request("set", table="portfw", entries=keys(False))
@@ -193,7 +204,7 @@ def _cpu_window(agent, seconds):
 def _haproxy_cost(lab, work, seconds):
     d = os.path.join(work, "haproxy-cost")
     os.makedirs(d, exist_ok=True)
-    servers = "".join("    server s%d %s:%d check inter 1000\n" % (i, SERVERS["server"], SINK_PORT)
+    servers = "".join("    server s%d %s:%d check inter 1000\n" % (i, SERVERS["server"], SINK_PORT + i)
                       for i in range(COST_KEYS))
     path = os.path.join(d, "haproxy.cfg")
     with open(path, "w") as f:

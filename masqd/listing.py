@@ -175,6 +175,8 @@ def format_autofw(entries, names):
 
 
 def format_marks(entries, names):
+    """One line per rule; the kernel's hit count (packets the rule classified) last,
+    when the listing has it."""
     lines = [MARKS_ROW % ("name", "mark", "prot", "source", "destination", "sports", "dports", "iface")]
     for entry in entries:
         protocol = entry.get("protocol")
@@ -184,6 +186,10 @@ def format_marks(entries, names):
             names.network(entry.get("destination"), entry.get("destination_invert")),
             names.ports(entry.get("source_ports"), protocol), names.ports(entry.get("destination_ports"), protocol),
             entry.get("input_interface") or "any"))
+    if any("hits" in e for e in entries):
+        width = max(len(line) for line in lines)
+        counts = ["hits"] + [str(e.get("hits", "-")) for e in entries]
+        lines = ["%-*s  %s" % (width, line, count) for line, count in zip(lines, counts)]
     return "\n".join(lines) + "\n"
 
 

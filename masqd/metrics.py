@@ -134,13 +134,10 @@ class InstrumentedService:
 
 # --- the kernel, read directly ----------------------------------------------------------
 
-MARK_CHAIN = "mark_classify"
-
-
 class KernelReader:
     """This module's own libnftables handle (libnftables contexts are not thread-safe,
-    and the Service's are its own): the pool maps and the classifier chain, each listed
-    alone so a scrape never lists the whole table a second time."""
+    and the Service's are its own): the pool maps, each listed alone so a scrape never
+    lists the whole table a second time."""
 
     def __init__(self) -> None:
         from masqd.nft import LibNftables
@@ -148,19 +145,6 @@ class KernelReader:
 
     def map_elements(self, names: List[str]) -> Dict[str, Dict[str, Dict[str, Any]]]:
         return self._nft.read_elements(names)
-
-    def chain_counters(self, chain: str) -> List[int]:
-        import json
-        ctx = self._nft._nft  # pylint: disable=protected-access
-        ctx.set_json_output(True)
-        try:
-            rc, out, _err = ctx.cmd("list chain %s %s" % (render.QUALIFIED, chain))
-        finally:
-            ctx.set_json_output(False)
-        if rc != 0:
-            return []
-        return [expr["counter"]["packets"] for obj in json.loads(out)["nftables"] if "rule" in obj
-                for expr in obj["rule"]["expr"] if isinstance(expr, dict) and expr.get("counter")]
 
 
 # --- the collector ----------------------------------------------------------------------
@@ -178,7 +162,7 @@ class Reading:
 class ServiceCollector:
     """A prometheus_client custom collector over the Service's read ops.
 
-    `kernel`: a factory of the handle that reads the pool maps and the classifier chain
+    `kernel`: a factory of the handle that reads the pool maps
     (default: a KernelReader, a libnftables handle of this collector's own)."""
 
     def __init__(self, service: Any, cache_seconds: float = DEFAULT_CACHE_SECONDS,
@@ -234,16 +218,11 @@ class ServiceCollector:
         elements = self._kernel_reader().map_elements(sorted(names))
         return {rule: len(elements.get(name, {})) for name, rule in names.items()}
 
-    def _mark_hits(self, rules: List[Dict[str, Any]]) -> Dict[str, int]:
-        """{marks rule name: packets its classifier rule counted}: the i-th counter of the
-        classifier chain is the i-th marks rule's (render.marks_fragment, in order). Empty
-        while the classifier rules carry no counters (docs/metrics.md)."""
-        if not rules:
-            return {}
-        counts = self._kernel_reader().chain_counters(MARK_CHAIN)
-        if len(counts) != len(rules):
-            return {}
-        return {r["name"]: n for r, n in zip(rules, counts)}
+    @staticmethod
+    def _mark_hits(rules: List[Dict[str, Any]]) -> Dict[str, int]:
+        """{marks rule name: connections its classifier rule counted}: the `hits` of the
+        Service's list (absent while the chain is being repaired)."""
+        return {r["name"]: r["hits"] for r in rules if "hits" in r}
 
     # --- families ---------------------------------------------------------------------
 

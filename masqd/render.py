@@ -673,7 +673,8 @@ def criteria(entry):
 
 
 def marks_fragment(entries):
-    rules = tuple(" ".join(criteria(e) + ["meta mark set %d ct mark set %d return" % (e["mark"], e["mark"])])
+    # The counter is the rule's hit count (masqd_mark_classifier_hits, `mark -L`).
+    rules = tuple(" ".join(criteria(e) + ["counter meta mark set %d ct mark set %d return" % (e["mark"], e["mark"])])
                   for e in entries)
     return Fragment(chains=[Chain("mark_classify", None, rules)],
                     elements={"mark_values": {str(e["mark"]): None for e in entries}})

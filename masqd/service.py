@@ -297,10 +297,18 @@ class Service:
 
     def _op_list(self, request):
         tables = TABLES if request.get("table") is None else (model.table_name(request["table"]),)
-        counters = self.nft.read_counters() if any(t in _BACKEND_TABLES for t in tables) else ({}, {})
+        counted = any(t in _BACKEND_TABLES or t == "marks" for t in tables)
+        counters = self.nft.read_counters() if counted else ({}, {})
         if "autofw" in tables:
             counters = counters + (self.nft.read_elements(self.autofw.map_names(self._tables["autofw"])),)
         out = {t: [self._runtime(t, key, e, counters) for key, e in self._tables[t].items()] for t in tables}
+        if "marks" in out:
+            # The classifier chain has one counted rule per marks rule, in table order
+            # (render.marks_fragment); a chain that does not match (being repaired) gives none.
+            hits = counters[0].get("mark_classify", [])
+            if len(hits) == len(out["marks"]):
+                for rule, count in zip(out["marks"], hits):
+                    rule["hits"] = count
         if request.get("table") is None:
             return False, {"tables": out}
         return False, {"entries": out[tables[0]]}
@@ -949,26 +957,30 @@ def current_head(order, chain_counts, phase=0):
 def backend_runtime(table, entry, head, rule_counters, element_counters, phase=0, down=None):
     """Backends (configured order) with pcnt, connections and head, like the seed's
     /proc/net/ip_masq/portfw listing. `down`: backends out of the schedule (health)."""
-    if table == "portfw":
-        order = entry["backends"]
-        fam = "v6" if ":" in entry["local_address"] else "v4"
-        elem_key = "%s . %s . %d" % (entry["local_address"], entry["protocol"], entry["local_port"])
-        chain = render.portfw_chain_name((entry["protocol"], entry["local_address"], entry["local_port"]))
-    else:
-        order = render.mfw_order(entry, head)
-        chain = render.mfw_chain_name(entry["mark"])
-    order = render.live_backends(entry, order, down)
+    portfw = table == "portfw"
+    order = render.live_backends(entry, entry["backends"] if portfw else render.mfw_order(entry, head), down)
     if not order:  # all down, all_down reject
         return [dict(b, pcnt=0, connections=0, head=False) for b in entry["backends"]]
     how, target = render.schedule(order)
     conns, pcnt = {}, {}
+    if portfw:
+        key = (entry["protocol"], entry["local_address"], entry["local_port"])
+        chain = None if how == "single" else render.portfw_chain_name(key)
+    else:
+        chain = render.mfw_chain_name(entry["mark"])
     if how == "single":
-        if table == "portfw":
+        if portfw:  # the direct map's element counter (no chain)
+            fam = "v6" if ":" in entry["local_address"] else "v4"
+            elem_key = "%s . %s . %d" % (entry["local_address"], entry["protocol"], entry["local_port"])
             total = element_counters.get("portfw_direct_" + fam, {}).get(elem_key, 0)
         else:
             total = sum(rule_counters.get(chain, [0]))
+        pref = target["pref"]
+        if len(entry["backends"]) == 1:  # most keys: their one backend is the target
+            return [dict(entry["backends"][0], pcnt=pref - total % pref if pref else 0,
+                         connections=total, head=True)]
         conns[id(target)] = total
-        pcnt[id(target)] = target["pref"] - total % target["pref"] if target["pref"] else 0
+        pcnt[id(target)] = pref - total % pref if pref else 0
         head_b = target
     else:
         head_b, pcnt[id(head_b)], conns = _cascade_view(target, phase, rule_counters.get(chain))

@@ -111,7 +111,9 @@ mfw:
   type: list
   elements: dict
 marks:
-  description: The mark rules, in matching order.
+  description:
+    - The mark rules, in matching order.
+    - Each rule also has C(hits), the connections it classified (its kernel rule counter).
   returned: when V(marks) or V(all) is in O(gather_subset)
   type: list
   elements: dict

@@ -87,7 +87,7 @@ def test_full_apply_exactly_one_table_and_others_untouched(gw, tmp_path):
     assert listing == out["kernel"]
     assert "numgen inc mod 20 < 15 counter packets 0 bytes 0 dnat ip to 10.16.0.27:80" in listing
     assert "2001:db8::1 . udp . 53 counter packets 0 bytes 0 : fd00::53 . 53" in listing
-    assert 'iifname "eth0" ip saddr 203.0.113.0/24 meta mark set 0x00000001' in listing
+    assert 'iifname "eth0" ip saddr 203.0.113.0/24 counter packets 0 bytes 0 meta mark set 0x00000001' in listing
     # a second agent start replaces the table (a full re-sync creates the objects in
     # another order than the changes did): the same objects, other still untouched
     run_in(gw, "Service(%r).start(); print(json.dumps({}))" % str(tmp_path))

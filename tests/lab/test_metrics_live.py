@@ -82,16 +82,23 @@ def seed_traffic(lab, agent, count=20):
     assert [a.backend for a in answers] == ["web1"] * 15 + ["web2"] * 5, [a.error for a in answers]
 
 
+CLIENT_HITS = ("masqd_mark_classifier_hits_total", (("mark", "7"), ("rule", "client")))
+
+
 def test_metrics_count_the_seeds_15_and_5_like_masq_info(gateway, seed_lab, textfile):
+    # A classifier rule for the client: it counts the first packet of each of its
+    # connections (an unused mark changes no forwarding).
+    gateway.masqctl("mark", "-A", "-s", "198.51.100.10", "--name", "client", "-m", "7")
     seed_traffic(seed_lab, gateway)
     time.sleep(1.1)  # past the metrics cache
     samples = scrape(seed_lab)
     assert backend_connections(samples) == {("portfw", WEB_KEY, "10.16.0.27:80"): 15,
                                             ("portfw", WEB_KEY, "10.16.0.28:80"): 5}
+    assert samples[CLIENT_HITS] == 20
     with open(textfile) as handle:  # the textfile says the same (written every 0.5 s)
         assert backend_connections(scrape(seed_lab, text=handle.read())) == backend_connections(samples)
-    assert samples[("masqd_changes_total", (("op", "add"), ("result", "changed")))] == 2
-    assert samples[("masqd_change_duration_seconds_count", (("op", "add"),))] == 2
+    assert samples[("masqd_changes_total", (("op", "add"), ("result", "changed")))] == 3
+    assert samples[("masqd_change_duration_seconds_count", (("op", "add"),))] == 3
     assert samples[("masqd_entries", (("table", "portfw"),))] == 1
     assert samples[("masqd_agent_answering", ())] == 1
     # a refused change is counted as refused, and changes nothing
@@ -125,6 +132,7 @@ def test_metrics_count_the_seeds_15_and_5_like_masq_info(gateway, seed_lab, text
     from_info = {("portfw", WEB_KEY, "%s:%d" % (b["address"], b["port"])): b["connections"]
                  for e in info["portfw"] for b in e["backends"]}
     assert from_info == backend_connections(after)
+    assert [(m["name"], m["hits"]) for m in info["marks"]] == [("client", after[CLIENT_HITS])]
     assert info["status"]["revision"] == after[("masqd_state_revision", ())]
     assert dict(info["status"]["tables"]) == {
         dict(labels)["table"]: v for (name, labels), v in after.items() if name == "masqd_entries"}

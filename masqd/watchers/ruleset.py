@@ -35,14 +35,14 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
+from masqd.nfnetlink import (NETLINK_NETFILTER, NFNL_SUBSYS_NFTABLES, NFPROTO_INET,
+                             attributes, counter_packets, string)
+
 log = logging.getLogger("masqd.watchers.ruleset")
 
-NETLINK_NETFILTER = 12
 SOL_NETLINK = 270
 NETLINK_ADD_MEMBERSHIP = 1
 NFNLGRP_NFTABLES = 7
-NFNL_SUBSYS_NFTABLES = 10
-NFPROTO_INET = 1
 RCVBUF = 32 << 20
 
 # NFT_MSG_* (linux/netfilter/nf_tables.h) -> (verb, object) as `nft monitor` says them.
@@ -56,9 +56,7 @@ NFTA_TABLE = 1
 NFTA_RULE_CHAIN, NFTA_RULE_EXPRESSIONS, NFTA_RULE_USERDATA = 2, 4, 7
 NFTA_GEN_PROC_PID, NFTA_GEN_PROC_NAME = 2, 3
 NFTA_CHAIN_NAME, NFTA_SET_NAME = 3, 2
-NFTA_EXPR_NAME, NFTA_EXPR_DATA, NFTA_COUNTER_PACKETS = 1, 2, 2
 NFTNL_UDATA_RULE_COMMENT = 0
-NLA_TYPE_MASK = 0x3FFF
 
 
 @dataclass
@@ -85,44 +83,9 @@ class DriftReport:
 MAX_CHANGES_LISTED = 8
 
 
-def attributes(data: bytes, offset: int = 0, end: Optional[int] = None) -> Dict[int, bytes]:
-    """Netlink attributes (type -> payload) of `data[offset:end]`; nested ones stay bytes."""
-    out: Dict[int, bytes] = {}
-    end = len(data) if end is None else end
-    while offset + 4 <= end:
-        length, kind = struct.unpack_from("=HH", data, offset)
-        if length < 4:
-            break
-        out.setdefault(kind & NLA_TYPE_MASK, data[offset + 4:offset + length])
-        offset += (length + 3) & ~3
-    return out
-
-
-def attribute_list(data: bytes) -> List[bytes]:
-    """Payloads of a nested list (NFTA_LIST_ELEM, ...), in order."""
-    out, offset = [], 0
-    while offset + 4 <= len(data):
-        length, _kind = struct.unpack_from("=HH", data, offset)
-        if length < 4:
-            break
-        out.append(data[offset + 4:offset + length])
-        offset += (length + 3) & ~3
-    return out
-
-
-def _string(payload: Optional[bytes]) -> Optional[str]:
-    return None if payload is None else payload.split(b"\0", 1)[0].decode("utf-8", "replace")
-
-
 def rule_counter_and_comment(attrs: Dict[int, bytes]) -> Tuple[int, str]:
     """(packets of the rule's counter, its comment) from a rule message."""
-    packets = 0
-    for expr in attribute_list(attrs.get(NFTA_RULE_EXPRESSIONS, b"")):
-        ea = attributes(expr)
-        if _string(ea.get(NFTA_EXPR_NAME)) == "counter":
-            data = attributes(ea.get(NFTA_EXPR_DATA, b""))
-            if NFTA_COUNTER_PACKETS in data:
-                packets = struct.unpack(">Q", data[NFTA_COUNTER_PACKETS][:8])[0]
+    packets = counter_packets(attrs.get(NFTA_RULE_EXPRESSIONS, b"")) or 0
     comment = ""
     udata, offset = attrs.get(NFTA_RULE_USERDATA, b""), 0
     while offset + 2 <= len(udata):  # TLV: type u8, length u8, value
@@ -293,7 +256,7 @@ class RulesetMonitor:
             report, self._pending = self._pending, None
             if report is None or self.is_own(msg.portid):
                 return None
-            name = _string(msg.attrs.get(NFTA_GEN_PROC_NAME))
+            name = string(msg.attrs.get(NFTA_GEN_PROC_NAME))
             pid = msg.attrs.get(NFTA_GEN_PROC_PID)
             report.by = "%s (pid %d)" % (name, struct.unpack(">I", pid[:4])[0]) if name and pid else name
             report.received = time.monotonic()
@@ -304,7 +267,7 @@ class RulesetMonitor:
         verb_kind = MESSAGES.get(msg.kind)
         if verb_kind is None or msg.family != self.family:
             return None
-        if _string(msg.attrs.get(NFTA_TABLE)) != self.table or self.is_own(msg.portid):
+        if string(msg.attrs.get(NFTA_TABLE)) != self.table or self.is_own(msg.portid):
             return None
         report = self._pending = self._pending or DriftReport()
         verb, kind = verb_kind
@@ -312,7 +275,7 @@ class RulesetMonitor:
         if kind == "table" and verb == "delete":
             report.table_deleted = True
         if kind == "rule" and verb == "delete":
-            chain = _string(msg.attrs.get(NFTA_RULE_CHAIN)) or "?"
+            chain = string(msg.attrs.get(NFTA_RULE_CHAIN)) or "?"
             report.deleted_rules.setdefault(chain, []).append(rule_counter_and_comment(msg.attrs))
         described = _describe(verb, kind, msg.attrs, self.table)
         if len(report.changes) < MAX_CHANGES_LISTED and "__set" not in described:  # not anonymous sets
@@ -323,11 +286,11 @@ class RulesetMonitor:
 def _describe(verb: str, kind: str, attrs: Dict[int, bytes], table: str) -> str:
     name = None
     if kind == "chain":
-        name = _string(attrs.get(NFTA_CHAIN_NAME))
+        name = string(attrs.get(NFTA_CHAIN_NAME))
     elif kind == "rule":
-        name = _string(attrs.get(NFTA_RULE_CHAIN))
+        name = string(attrs.get(NFTA_RULE_CHAIN))
     elif kind in ("set", "element"):
-        name = _string(attrs.get(NFTA_SET_NAME))
+        name = string(attrs.get(NFTA_SET_NAME))
     where = "inet %s" % table if kind == "table" else "%s%s" % (
         "in " if kind in ("rule", "element") else "", name or "?")
     return "%s %s %s" % (verb, kind, where)

@@ -1,0 +1,222 @@
+"""nf_tables over netlink, read side: attribute decoding and dumps.
+
+Two readers need the kernel's own messages rather than libnftables' listing: the
+ruleset watcher (NFNLGRP_NFTABLES events) and the counter reads of `list` and the
+metrics (NFT_MSG_GETRULE / NFT_MSG_GETSETELEM dumps). libnftables' `list table`
+builds every object of the table as JSON or text first: 4 s for a map of 100,000
+elements on nftables 1.0.6, where the dump of that map and its decoding here take
+about 0.8 s. Writes stay with libnftables. Layouts: linux/netfilter/nf_tables.h and
+linux/netlink.h; pyroute2's nftables module reads only the first message of an
+element dump (0.9.7), so it does not serve for large maps.
+"""
+
+import os
+import socket
+import struct
+from typing import Dict, Iterator, List, Optional, Tuple
+
+NETLINK_NETFILTER = 12
+NFNL_SUBSYS_NFTABLES = 10
+NFPROTO_INET = 1
+NLA_TYPE_MASK = 0x3FFF
+NLM_F_REQUEST, NLM_F_DUMP, NLM_F_DUMP_INTR = 0x1, 0x300, 0x10
+NLMSG_ERROR, NLMSG_DONE = 2, 3
+
+NFT_MSG_GETRULE, NFT_MSG_GETSETELEM = 7, 13
+NFTA_RULE_TABLE, NFTA_RULE_CHAIN, NFTA_RULE_EXPRESSIONS = 1, 2, 4
+NFTA_EXPR_NAME, NFTA_EXPR_DATA, NFTA_COUNTER_PACKETS = 1, 2, 2
+NFTA_SET_ELEM_LIST_TABLE, NFTA_SET_ELEM_LIST_SET, NFTA_SET_ELEM_LIST_ELEMENTS = 1, 2, 3
+NFTA_SET_ELEM_KEY, NFTA_SET_ELEM_EXPR, NFTA_SET_ELEM_EXPRESSIONS = 1, 7, 10
+NFTA_DATA_VALUE = 1
+
+PROTOCOLS = {6: "tcp", 17: "udp", 33: "dccp", 132: "sctp"}  # nft's names for inet_proto
+DUMP_ATTEMPTS = 5  # a dump the ruleset changed under (NLM_F_DUMP_INTR) is taken again
+RECV_SIZE = 1 << 16  # the kernel fills at most 32 KiB per dump message
+
+
+class DumpInterrupted(Exception):
+    """The ruleset changed during every attempt of a dump."""
+
+
+def attributes(data, offset: int = 0, end: Optional[int] = None) -> Dict[int, bytes]:
+    """Netlink attributes (type -> payload) of `data[offset:end]`; nested ones stay bytes."""
+    out: Dict[int, bytes] = {}
+    end = len(data) if end is None else end
+    while offset + 4 <= end:
+        length, kind = struct.unpack_from("=HH", data, offset)
+        if length < 4:
+            break
+        out.setdefault(kind & NLA_TYPE_MASK, bytes(data[offset + 4:offset + length]))
+        offset += (length + 3) & ~3
+    return out
+
+
+def attribute_list(data) -> List[bytes]:
+    """Payloads of a nested list (NFTA_LIST_ELEM, ...), in order."""
+    out, offset = [], 0
+    while offset + 4 <= len(data):
+        length, _kind = struct.unpack_from("=HH", data, offset)
+        if length < 4:
+            break
+        out.append(bytes(data[offset + 4:offset + length]))
+        offset += (length + 3) & ~3
+    return out
+
+
+def string(payload: Optional[bytes]) -> Optional[str]:
+    return None if payload is None else payload.split(b"\0", 1)[0].decode("utf-8", "replace")
+
+
+def counter_packets(expressions: bytes) -> Optional[int]:
+    """Packets of the `counter` among a list of expressions (NFTA_LIST_ELEM of
+    NFTA_EXPR_*), None when there is none."""
+    for expr in attribute_list(expressions):
+        packets = expression_packets(expr)
+        if packets is not None:
+            return packets
+    return None
+
+
+def expression_packets(expr: bytes) -> Optional[int]:
+    ea = attributes(expr)
+    if string(ea.get(NFTA_EXPR_NAME)) != "counter":
+        return None
+    data = attributes(ea.get(NFTA_EXPR_DATA, b""))
+    return struct.unpack(">Q", data[NFTA_COUNTER_PACKETS][:8])[0] if NFTA_COUNTER_PACKETS in data else 0
+
+
+def _attr(kind: int, value: bytes) -> bytes:
+    raw = struct.pack("=HH", 4 + len(value), kind) + value
+    return raw + b"\0" * (-len(raw) % 4)
+
+
+class Dumper:
+    """One NETLINK_NETFILTER socket of the caller's network namespace, for dumps.
+    Not shared between threads: open one per reading (a socket and a bind)."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_NETFILTER)
+        self.sock.bind((0, 0))
+        self.seq = 0
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def __enter__(self) -> "Dumper":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def dump(self, msg_type: int, attrs: List[Tuple[int, bytes]]) -> List[memoryview]:
+        """The attribute parts of every message of one dump; taken again when the
+        ruleset changes during it. OSError(ENOENT) when the table/set is absent."""
+        for _attempt in range(DUMP_ATTEMPTS):
+            parts = self._dump_once(msg_type, attrs)
+            if parts is not None:
+                return parts
+        raise DumpInterrupted("the ruleset kept changing during %d dumps" % DUMP_ATTEMPTS)
+
+    def _dump_once(self, msg_type: int, attrs: List[Tuple[int, bytes]]) -> Optional[List[memoryview]]:
+        self.seq += 1
+        payload = struct.pack("=BBH", NFPROTO_INET, 0, 0) + b"".join(_attr(k, v) for k, v in attrs)
+        header = struct.pack("=IHHII", 16 + len(payload), (NFNL_SUBSYS_NFTABLES << 8) | msg_type,
+                             NLM_F_REQUEST | NLM_F_DUMP, self.seq, 0)
+        self.sock.send(header + payload)
+        parts: List[memoryview] = []
+        interrupted = False
+        while True:
+            data = memoryview(self.sock.recv(RECV_SIZE))
+            offset = 0
+            while offset + 16 <= len(data):
+                length, mtype, flags, seq, _pid = struct.unpack_from("=IHHII", data, offset)
+                if length < 16:
+                    break
+                if seq == self.seq:
+                    if mtype == NLMSG_DONE:
+                        return None if interrupted else parts
+                    if mtype == NLMSG_ERROR:
+                        error = -struct.unpack_from("=i", data, offset + 16)[0]
+                        if error:
+                            raise OSError(error, os.strerror(error))
+                    else:
+                        interrupted = interrupted or bool(flags & NLM_F_DUMP_INTR)
+                        parts.append(data[offset + 20:offset + length])  # past nfgenmsg
+                offset += (length + 3) & ~3
+
+    def rule_counters(self, table: str) -> Dict[str, List[int]]:
+        """{chain: [packets of each rule that has a counter, in order]} of `inet table`."""
+        out: Dict[str, List[int]] = {}
+        for part in self.dump(NFT_MSG_GETRULE, [(NFTA_RULE_TABLE, table.encode() + b"\0")]):
+            attrs = attributes(part)
+            packets = counter_packets(attrs.get(NFTA_RULE_EXPRESSIONS, b""))
+            if packets is not None:
+                out.setdefault(string(attrs.get(NFTA_RULE_CHAIN)) or "", []).append(packets)
+        return out
+
+    def element_counters(self, table: str, name: str) -> Iterator[Tuple[bytes, int]]:
+        """(key bytes, packets) of every element of a set/map with per-element counters.
+        The loop is written out (no dict per attribute): 100,000 elements are ~260
+        messages of 32 KiB, decoded in ~0.3 s."""
+        unpack = struct.unpack_from
+        parts = self.dump(NFT_MSG_GETSETELEM, [(NFTA_SET_ELEM_LIST_TABLE, table.encode() + b"\0"),
+                                               (NFTA_SET_ELEM_LIST_SET, name.encode() + b"\0")])
+        for part in parts:
+            elements = attributes(part).get(NFTA_SET_ELEM_LIST_ELEMENTS, b"")
+            offset, end = 0, len(elements)
+            while offset + 4 <= end:  # NFTA_LIST_ELEM
+                length = unpack("=H", elements, offset)[0]
+                if length < 4:
+                    break
+                key, packets = None, 0
+                pos, stop = offset + 4, offset + length
+                while pos + 4 <= stop:
+                    alen, kind = unpack("=HH", elements, pos)
+                    if alen < 4:
+                        break
+                    kind &= NLA_TYPE_MASK
+                    if kind == NFTA_SET_ELEM_KEY:  # { NFTA_DATA_VALUE }
+                        key = elements[pos + 8:pos + 4 + unpack("=H", elements, pos + 4)[0]]
+                    elif kind == NFTA_SET_ELEM_EXPR:  # { NAME "counter", DATA { .., PACKETS } }
+                        packets = _inline_counter(elements, pos + 4, pos + alen)
+                    elif kind == NFTA_SET_ELEM_EXPRESSIONS:
+                        packets = counter_packets(elements[pos + 4:pos + alen]) or 0
+                    pos += (alen + 3) & ~3
+                if key is not None:
+                    yield key, packets
+                offset += (length + 3) & ~3
+
+
+def _inline_counter(data: bytes, pos: int, stop: int) -> int:
+    """expression_packets without copies, for the element loop."""
+    unpack = struct.unpack_from
+    packets = 0
+    counter = False
+    while pos + 4 <= stop:
+        alen, kind = unpack("=HH", data, pos)
+        if alen < 4:
+            break
+        kind &= NLA_TYPE_MASK
+        if kind == NFTA_EXPR_NAME:
+            counter = data[pos + 4:pos + alen].rstrip(b"\0") == b"counter"
+        elif kind == NFTA_EXPR_DATA:
+            inner, end = pos + 4, pos + alen
+            while inner + 4 <= end:
+                ilen, ikind = unpack("=HH", data, inner)
+                if ilen < 4:
+                    break
+                if ikind & NLA_TYPE_MASK == NFTA_COUNTER_PACKETS:
+                    packets = unpack(">Q", data, inner + 4)[0]
+                inner += (ilen + 3) & ~3
+        pos += (alen + 3) & ~3
+    return packets if counter else 0
+
+
+def address_proto_port_text(key: bytes) -> str:
+    """nft's text of an `ipvN_addr . inet_proto . inet_service` key (each part in a
+    4-byte register): "198.51.100.1 . tcp . 80", as `list` prints it."""
+    family = socket.AF_INET6 if len(key) == 24 else socket.AF_INET
+    size = 16 if family == socket.AF_INET6 else 4
+    proto = key[size]
+    port = (key[size + 4] << 8) | key[size + 5]
+    return "%s . %s . %d" % (socket.inet_ntop(family, key[:size]), PROTOCOLS.get(proto, str(proto)), port)

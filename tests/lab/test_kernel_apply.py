@@ -270,3 +270,47 @@ def test_incremental_portfw_changes_equal_a_full_resync(gw):
     assert "pf_" not in out["incremental"][2]
     assert out["refused"]
     assert out["unchanged"]
+
+
+def test_counters_by_netlink_dump_equal_the_listing(gw, tmp_path):
+    """read_counters (nfnetlink dumps) gives what libnftables' listing gives, on
+    generated keys (IPv4 and IPv6, tcp and udp, one and two backends) with generated
+    counter values, and list reports them as the keys' connections."""
+    out = run_in(gw, """
+        import random, subprocess
+        rnd = random.Random(7)
+        svc = Service(%r); svc.start(); load_scenario(svc)
+        entries = []
+        for i in range(400):
+            v6 = i %% 5 == 0
+            local = "2001:db8::%%x" %% (1 + i %% 7) if v6 else "198.51.100.%%d" %% (1 + i %% 9)
+            backend = lambda n: {"address": ("fd00::%%x" if v6 else "10.16.%%d.1") %% n, "port": 1 + n}
+            backends = [backend(i %% 200)] + ([dict(backend(i %% 200 + 1), pref=3)] if i %% 4 == 0 else [])
+            entries.append({"protocol": rnd.choice(["tcp", "udp"]), "local_address": local,
+                            "local_port": 1000 + i, "backends": backends})
+        ok(svc, op="set", table="portfw", entries=entries)
+        # Counter values the kernel keeps: elements re-added with counters of their own.
+        expected = {}
+        for e in rnd.sample([e for e in entries if len(e["backends"]) == 1], 60):
+            fam = "v6" if ":" in e["local_address"] else "v4"
+            b = e["backends"][0]
+            key = "%%s . %%s . %%d" %% (e["local_address"], e["protocol"], e["local_port"])
+            value = ("[%%s]" if fam == "v6" else "%%s") %% b["address"]
+            packets = rnd.randrange(1, 1 << 40)
+            m = "inet masqd portfw_direct_" + fam
+            subprocess.run(["nft", "delete element %%s { %%s }" %% (m, key)], check=True)
+            subprocess.run(["nft", "add element %%s { %%s counter packets %%d bytes 1 : %%s . %%d }"
+                            %% (m, key, packets, b["address"], b["port"])], check=True)
+            expected["%%s %%s" %% (e["protocol"], key)] = packets
+        dumped, listed = svc.nft.read_counters(), svc.nft._listed_counters()
+        rows = svc.handle({"op": "list", "table": "portfw"})["result"]["entries"]
+        got = {"%%s %%s . %%s . %%d" %% (r["protocol"], r["local_address"], r["protocol"], r["local_port"]):
+               r["backends"][0]["connections"] for r in rows if len(r["backends"]) == 1}
+        print(json.dumps({"rules_equal": dumped[0] == listed[0], "rule_chains": len(dumped[0]),
+                          "elements_equal": {k: v for k, v in dumped[1].items() if v} == listed[1],
+                          "elements": sum(len(v) for v in dumped[1].values()),
+                          "connections": {k: got[k] for k in expected}, "expected": expected}))
+    """ % str(tmp_path))
+    assert out["rules_equal"] and out["rule_chains"] >= 100
+    assert out["elements_equal"] and out["elements"] == 300  # the set replaced the scenario's keys
+    assert out["connections"] == out["expected"]

@@ -32,10 +32,11 @@ PACKAGES = (
     "systemd", "systemd-sysv", "dbus", "openssh-server", "python3", "python3-apt",
     "conntrack", "iproute2", "procps",
 )
-# What the gateway role installs (its gateway_packages): downloaded into the root's apt
-# cache, not installed, so the role's apt task really installs Debian's packages inside
-# a host that has no route out (apt takes verified .debs from its cache).
-ROLE_PACKAGES = ("nftables", "python3-nftables", "python3-pyroute2")
+# What the gateway role installs (its gateway_packages, and gateway_ha_packages for an
+# HA pair): downloaded into the root's apt cache, not installed, so the role's apt task
+# really installs Debian's packages inside a host that has no route out (apt takes
+# verified .debs from its cache).
+ROLE_PACKAGES = ("nftables", "python3-nftables", "python3-pyroute2", "keepalived", "conntrackd")
 RECIPE_VERSION = 2  # bump when configure() changes what a root holds
 # The role's apt task uses cache_valid_time 86400: keep the lists younger than that.
 APT_LISTS_MAX_AGE = 12 * 3600

@@ -239,7 +239,9 @@ class Service:
                     self._need_started(request)
                     view = copy.copy(self)
                     view.autofw = self.autofw.snapshot()
-                with self._readers.borrow() as reader:
+                # The collector paused here too: a 100,000-key list's objects would
+                # otherwise set off a full collection (a pause of every thread).
+                with self._readers.borrow() as reader, _bulk_allocation():
                     view.nft = reader
                     return view._handle(request)
             with self._lock, _bulk_allocation():

@@ -15,14 +15,21 @@ description:
     fixed timestamps and modes), so a re-run from another controller changes nothing.
   - The file is C(masqd.pyz) in a directory named by the hash of its content under
     O(cache_dir), written atomically, so parallel runs and forks share one copy.
-  - Run it as C(PYTHONPATH=masqd.pyz python3 -m masqd.daemon) (or C(masqd.masqctl));
-    C(python3 masqd.pyz) runs the daemon.
+  - With O(interpreter), the file starts with C(#!INTERPRETER) and runs as a command
+    C(masqd); called through a link named C(masqctl) it runs masqctl (the name it was
+    started by decides). Without, run it as C(python3 masqd.pyz).
 author: ipmasq.gateway developers (@ipmasq)
 options:
   _terms:
     description: The directory holding the C(masqd) package; default, the collection's own.
     type: list
     elements: path
+    required: false
+  interpreter:
+    description:
+      - The Python interpreter of the gateway, written as the file's C(#!) line, so the
+        file is executable (mode 0755) without a wrapper script.
+    type: str
     required: false
   cache_dir:
     description: Where the built files are kept on the controller.
@@ -31,11 +38,11 @@ options:
 """
 
 EXAMPLES = r"""
-- name: Ship the agent as one file
+- name: Ship the agent as one executable file
   ansible.builtin.copy:
-    src: "{{ lookup('ipmasq.gateway.agent_zipapp') }}"
+    src: "{{ lookup('ipmasq.gateway.agent_zipapp', interpreter='/usr/bin/python3') }}"
     dest: /usr/local/lib/masqd/masqd.pyz
-    mode: "0644"
+    mode: "0755"
 """
 
 RETURN = r"""
@@ -54,7 +61,13 @@ from ansible.errors import AnsibleLookupError
 from ansible.plugins.lookup import LookupBase
 
 COLLECTION_ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..")
-MAIN = b"from masqd.daemon import main\nraise SystemExit(main())\n"
+# The name the file was started by picks the command: a link named masqctl runs masqctl.
+MAIN = (b"import os, sys\n"
+        b"if os.path.basename(sys.argv[0]) == 'masqctl':\n"
+        b"    from masqd.masqctl import main\n"
+        b"else:\n"
+        b"    from masqd.daemon import main\n"
+        b"raise SystemExit(main())\n")
 FIXED_TIME = (1980, 1, 1, 0, 0, 0)
 
 
@@ -73,9 +86,12 @@ def agent_files(root):
     return sorted(out)
 
 
-def build(root):
-    """The zip application's bytes: the same sources give the same bytes."""
+def build(root, interpreter=None):
+    """The zip application's bytes: the same sources give the same bytes. A `#!` line
+    before the archive is allowed by the zip format (offsets are from the end)."""
     buffer = io.BytesIO()
+    if interpreter:
+        buffer.write(b"#!" + interpreter.encode() + b"\n")
     with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
         entries = [("__main__.py", None)] + agent_files(root)
         for name, path in entries:
@@ -108,5 +124,8 @@ class LookupModule(LookupBase):
     def run(self, terms, variables=None, **kwargs):
         self.set_options(var_options=variables, direct=kwargs)
         cache_dir = os.path.expanduser(self.get_option("cache_dir"))
+        interpreter = self.get_option("interpreter")
+        if interpreter and (not interpreter.startswith("/") or any(c.isspace() for c in interpreter)):
+            raise AnsibleLookupError("interpreter must be an absolute path without spaces, got %r" % interpreter)
         roots = terms or [COLLECTION_ROOT]
-        return [write_cached(build(os.path.realpath(root)), cache_dir) for root in roots]
+        return [write_cached(build(os.path.realpath(root), interpreter), cache_dir) for root in roots]

@@ -23,6 +23,7 @@ import time
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 from masqd import render
+from masqd.service import gc_paused
 
 log = logging.getLogger("masqd.metrics")
 
@@ -132,6 +133,12 @@ class InstrumentedService:
         return getattr(self._service, name)
 
 
+def release_slowly(items: List[Any]) -> None:
+    """Empty a list an element at a time (a thread switch can come between any two)."""
+    while items:
+        items.pop()
+
+
 # --- the kernel, read directly ----------------------------------------------------------
 
 class KernelReader:
@@ -178,6 +185,8 @@ class ServiceCollector:
         self._reading: Optional[Reading] = None
         self.readings = 0
         self.errors = 0
+        self._spent: List[Any] = []          # families of the last collect(), for release()
+        self._spent_reading: Optional[Reading] = None
 
     def describe(self) -> List[Any]:
         return []  # names are dynamic: no collection at registration
@@ -227,6 +236,25 @@ class ServiceCollector:
     # --- families ---------------------------------------------------------------------
 
     def collect(self) -> Iterator[Any]:
+        """The families, each kept (with the reading) until release(): dropped at once,
+        100,000 keys' worth of them is one long free in which no other thread runs."""
+        for family in self._families():
+            self._spent.append(family)
+            yield family
+
+    def release(self) -> None:
+        """Free what the last collect() built, an element at a time: the interpreter
+        switches threads between elements, so the API's threads are not held up."""
+        spent, self._spent = self._spent, []
+        for family in spent:
+            release_slowly(family.samples)
+        spent.clear()
+        reading, self._spent_reading = self._spent_reading, None
+        if reading is not None and reading is not self._reading:
+            for entries in reading.tables.values():
+                release_slowly(entries)
+
+    def _families(self) -> Iterator[Any]:
         gauge, counter = self.core.GaugeMetricFamily, self.core.CounterMetricFamily
         answering = gauge("masqd_agent_answering", "1 when the agent answered this scrape's status and list.")
         try:
@@ -239,6 +267,7 @@ class ServiceCollector:
             yield from self._self_metrics(None)
             return
         answering.add_metric([], 1)
+        self._spent_reading = r
         yield answering
         yield from self._status_families(r.status, gauge, counter)
         yield from self._backend_families(r.tables, gauge, counter)
@@ -391,7 +420,9 @@ class Metrics:
             now = time.monotonic()
             if self._exposition is None or now - self._exposition[0] >= self.keep_seconds:
                 self._exposition = None
-                text = self.client.generate_latest(self.registry)
+                with gc_paused():  # no full collection over ~10^6 new objects meanwhile
+                    text = self.client.generate_latest(self.registry)
+                    self.collector.release()
                 took = time.monotonic() - now
                 slow = took >= DUTY_AFTER
                 self.keep_seconds = max(self.cache_seconds, min(DUTY * took, MAX_KEEP)) if slow else self.cache_seconds

@@ -84,7 +84,7 @@ class Service:
     def start(self):
         """Load the stored state and make the kernel hold exactly its table (full
         re-sync: whatever a killed predecessor left behind is replaced)."""
-        with self._lock, _bulk_allocation():
+        with self._lock, gc_paused():
             if self.nft is None:
                 from masqd.nft import LibNftables
                 self.nft = LibNftables()
@@ -187,7 +187,7 @@ class Service:
 
     def repair_drift(self, report):
         """A foreign change to the table ended (RulesetMonitor): re-sync in full."""
-        with self._lock, _bulk_allocation():
+        with self._lock, gc_paused():
             if self._ruleset is None:
                 return
             started = self.clock()
@@ -214,7 +214,7 @@ class Service:
             self._seen_timed = (self.clock(), kernel.timed)
         if kernel is not None and kernel.shape == want:
             return
-        with self._lock, _bulk_allocation():
+        with self._lock, gc_paused():
             kernel = self.nft.read_table()  # again, under the lock: our own change may have been in flight
             want = shape_of(*self._ruleset.objects())
             if kernel is not None and kernel.shape == want:
@@ -241,10 +241,10 @@ class Service:
                     view.autofw = self.autofw.snapshot()
                 # The collector paused here too: a 100,000-key list's objects would
                 # otherwise set off a full collection (a pause of every thread).
-                with self._readers.borrow() as reader, _bulk_allocation():
+                with self._readers.borrow() as reader, gc_paused():
                     view.nft = reader
                     return view._handle(request)
-            with self._lock, _bulk_allocation():
+            with self._lock, gc_paused():
                 self._need_started(request)
                 return self._handle(request)
         except ValidationError as exc:
@@ -672,7 +672,7 @@ class Service:
         (as `schedule` would, persisted like it); without `failback` a recovering
         backend does not take over again. Returns the entry's flush_on_down when the
         change was applied (the caller flushes conntrack), None if nothing changed."""
-        with self._lock, _bulk_allocation():
+        with self._lock, gc_paused():
             if self._ruleset is None:
                 return None
             entry = self._tables[table].get(key)
@@ -841,7 +841,7 @@ def _shape_difference(want, have):
 
 
 @contextlib.contextmanager
-def _bulk_allocation():
+def gc_paused():
     """The cyclic garbage collector paused while a request runs: a 100,000-key `set`
     allocates ~400,000 containers, and the collections they trigger (each traversing
     every live entry) cost about a third of the request. Requests create no reference

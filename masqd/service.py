@@ -844,8 +844,10 @@ def _shape_difference(want, have):
 def gc_paused():
     """The cyclic garbage collector paused while a request runs: a 100,000-key `set`
     allocates ~400,000 containers, and the collections they trigger (each traversing
-    every live entry) cost about a third of the request. Requests create no reference
-    cycles worth collecting early; the collector resumes afterwards."""
+    every live entry) cost about a third of the request; a `list` or a metrics
+    exposition as many, and a full collection stops every thread meanwhile. Requests
+    create no reference cycles worth collecting early; the collector resumes
+    afterwards (with overlapping uses, when the one that found it enabled ends)."""
     enabled = gc.isenabled()
     gc.disable()
     try:

@@ -22,8 +22,17 @@ NLA_TYPE_MASK = 0x3FFF
 NLM_F_REQUEST, NLM_F_DUMP, NLM_F_DUMP_INTR = 0x1, 0x300, 0x10
 NLMSG_ERROR, NLMSG_DONE = 2, 3
 
-NFT_MSG_GETRULE, NFT_MSG_GETSETELEM = 7, 13
-NFTA_RULE_TABLE, NFTA_RULE_CHAIN, NFTA_RULE_EXPRESSIONS = 1, 2, 4
+NFT_MSG_GETTABLE, NFT_MSG_GETCHAIN, NFT_MSG_GETRULE = 1, 4, 7
+NFT_MSG_GETSET, NFT_MSG_GETSETELEM, NFT_MSG_GETOBJ = 10, 13, 19
+NFTA_TABLE_NAME = 1
+NFTA_CHAIN_TABLE, NFTA_CHAIN_NAME = 1, 3
+NFTA_RULE_TABLE, NFTA_RULE_CHAIN, NFTA_RULE_EXPRESSIONS, NFTA_RULE_USERDATA = 1, 2, 4, 7
+NFTNL_UDATA_RULE_COMMENT = 0
+NFTA_SET_TABLE, NFTA_SET_NAME, NFTA_SET_FLAGS = 1, 2, 3
+NFT_SET_ANONYMOUS, NFT_SET_MAP, NFT_SET_TIMEOUT, NFT_SET_EVAL = 0x1, 0x8, 0x10, 0x20
+TIMED = NFT_SET_TIMEOUT | NFT_SET_EVAL  # elements with a timeout, or written from the packet path
+NFTA_OBJ_TABLE, NFTA_OBJ_NAME, NFTA_OBJ_TYPE = 1, 2, 3
+OBJECT_KINDS = {3: "ct helper"}  # NFT_OBJECT_* the table holds, as nft names them
 NFTA_EXPR_NAME, NFTA_EXPR_DATA, NFTA_COUNTER_PACKETS = 1, 2, 2
 NFTA_SET_ELEM_LIST_TABLE, NFTA_SET_ELEM_LIST_SET, NFTA_SET_ELEM_LIST_ELEMENTS = 1, 2, 3
 NFTA_SET_ELEM_KEY, NFTA_SET_ELEM_EXPR, NFTA_SET_ELEM_EXPRESSIONS = 1, 7, 10
@@ -85,6 +94,18 @@ def expression_packets(expr: bytes) -> Optional[int]:
     return struct.unpack(">Q", data[NFTA_COUNTER_PACKETS][:8])[0] if NFTA_COUNTER_PACKETS in data else 0
 
 
+def rule_comment(attrs: Dict[int, bytes]) -> str:
+    """The comment of a rule message (NFTA_RULE_USERDATA, libnftnl's TLVs), "" if none."""
+    comment = ""
+    udata, offset = attrs.get(NFTA_RULE_USERDATA, b""), 0
+    while offset + 2 <= len(udata):  # TLV: type u8, length u8, value
+        kind, length = udata[offset], udata[offset + 1]
+        if kind == NFTNL_UDATA_RULE_COMMENT:
+            comment = udata[offset + 2:offset + 2 + length].split(b"\0", 1)[0].decode("utf-8", "replace")
+        offset += 2 + length
+    return comment
+
+
 def _attr(kind: int, value: bytes) -> bytes:
     raw = struct.pack("=HH", 4 + len(value), kind) + value
     return raw + b"\0" * (-len(raw) % 4)
@@ -144,14 +165,60 @@ class Dumper:
                         parts.append(data[offset + 20:offset + length])  # past nfgenmsg
                 offset += (length + 3) & ~3
 
+    def table_exists(self, table: str) -> bool:
+        return any(string(attributes(part).get(NFTA_TABLE_NAME)) == table
+                   for part in self.dump(NFT_MSG_GETTABLE, []))
+
+    def chains(self, table: str) -> List[str]:
+        # The kernel's chain dump has no table filter: every inet chain comes back.
+        return [string(attrs.get(NFTA_CHAIN_NAME)) or "" for attrs in self._of_table(
+            NFT_MSG_GETCHAIN, NFTA_CHAIN_TABLE, table)]
+
+    def _of_table(self, msg_type: int, table_attr: int, table: str) -> Iterator[Dict[int, bytes]]:
+        """The attributes of each message of a dump asked for `table`, checked to be
+        of it (a kernel that ignores the filter returns every table's)."""
+        for part in self.dump(msg_type, [(table_attr, table.encode() + b"\0")]):
+            attrs = attributes(part)
+            if string(attrs.get(table_attr)) == table:
+                yield attrs
+
+    def sets(self, table: str) -> Dict[str, int]:
+        """{name: NFT_SET_* flags} of the table's named sets and maps."""
+        out: Dict[str, int] = {}
+        for attrs in self._of_table(NFT_MSG_GETSET, NFTA_SET_TABLE, table):
+            flags = struct.unpack(">I", attrs[NFTA_SET_FLAGS][:4])[0] if NFTA_SET_FLAGS in attrs else 0
+            if not flags & NFT_SET_ANONYMOUS:
+                out[string(attrs.get(NFTA_SET_NAME)) or ""] = flags
+        return out
+
+    def objects(self, table: str) -> List[Tuple[str, str]]:
+        """(kind, name) of the table's stateful objects of the kinds in OBJECT_KINDS."""
+        out = []
+        for attrs in self._of_table(NFT_MSG_GETOBJ, NFTA_OBJ_TABLE, table):
+            kind = struct.unpack(">I", attrs[NFTA_OBJ_TYPE][:4])[0] if NFTA_OBJ_TYPE in attrs else 0
+            if kind in OBJECT_KINDS:
+                out.append((OBJECT_KINDS[kind], string(attrs.get(NFTA_OBJ_NAME)) or ""))
+        return out
+
+    def rules(self, table: str) -> Iterator[Tuple[str, Optional[int], str]]:
+        """(chain, packets of its counter or None, comment) of every rule, in order."""
+        for attrs in self._of_table(NFT_MSG_GETRULE, NFTA_RULE_TABLE, table):
+            yield (string(attrs.get(NFTA_RULE_CHAIN)) or "",
+                   counter_packets(attrs.get(NFTA_RULE_EXPRESSIONS, b"")), rule_comment(attrs))
+
+    def element_count(self, table: str, name: str) -> int:
+        count = 0
+        for part in self.dump(NFT_MSG_GETSETELEM, [(NFTA_SET_ELEM_LIST_TABLE, table.encode() + b"\0"),
+                                                   (NFTA_SET_ELEM_LIST_SET, name.encode() + b"\0")]):
+            count += len(attribute_list(attributes(part).get(NFTA_SET_ELEM_LIST_ELEMENTS, b"")))
+        return count
+
     def rule_counters(self, table: str) -> Dict[str, List[int]]:
         """{chain: [packets of each rule that has a counter, in order]} of `inet table`."""
         out: Dict[str, List[int]] = {}
-        for part in self.dump(NFT_MSG_GETRULE, [(NFTA_RULE_TABLE, table.encode() + b"\0")]):
-            attrs = attributes(part)
-            packets = counter_packets(attrs.get(NFTA_RULE_EXPRESSIONS, b""))
+        for chain, packets, _comment in self.rules(table):
             if packets is not None:
-                out.setdefault(string(attrs.get(NFTA_RULE_CHAIN)) or "", []).append(packets)
+                out.setdefault(chain, []).append(packets)
         return out
 
     def element_counters(self, table: str, name: str) -> Iterator[Tuple[bytes, int]]:

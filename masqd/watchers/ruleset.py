@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 from masqd.nfnetlink import (NETLINK_NETFILTER, NFNL_SUBSYS_NFTABLES, NFPROTO_INET,
-                             attributes, counter_packets, string)
+                             attributes, counter_packets, rule_comment, string)
 
 log = logging.getLogger("masqd.watchers.ruleset")
 
@@ -53,10 +53,9 @@ MESSAGES = {0: ("add", "table"), 2: ("delete", "table"), 3: ("add", "chain"),
 NFT_MSG_NEWGEN = 15
 # Every NFT_MSG_* above carries its table's name as attribute 1 (NFTA_*_TABLE).
 NFTA_TABLE = 1
-NFTA_RULE_CHAIN, NFTA_RULE_EXPRESSIONS, NFTA_RULE_USERDATA = 2, 4, 7
+NFTA_RULE_CHAIN, NFTA_RULE_EXPRESSIONS = 2, 4
 NFTA_GEN_PROC_PID, NFTA_GEN_PROC_NAME = 2, 3
 NFTA_CHAIN_NAME, NFTA_SET_NAME = 3, 2
-NFTNL_UDATA_RULE_COMMENT = 0
 
 
 @dataclass
@@ -85,15 +84,7 @@ MAX_CHANGES_LISTED = 8
 
 def rule_counter_and_comment(attrs: Dict[int, bytes]) -> Tuple[int, str]:
     """(packets of the rule's counter, its comment) from a rule message."""
-    packets = counter_packets(attrs.get(NFTA_RULE_EXPRESSIONS, b"")) or 0
-    comment = ""
-    udata, offset = attrs.get(NFTA_RULE_USERDATA, b""), 0
-    while offset + 2 <= len(udata):  # TLV: type u8, length u8, value
-        kind, length = udata[offset], udata[offset + 1]
-        if kind == NFTNL_UDATA_RULE_COMMENT:
-            comment = udata[offset + 2:offset + 2 + length].split(b"\0", 1)[0].decode("utf-8", "replace")
-        offset += 2 + length
-    return packets, comment
+    return counter_packets(attrs.get(NFTA_RULE_EXPRESSIONS, b"")) or 0, rule_comment(attrs)
 
 
 @dataclass

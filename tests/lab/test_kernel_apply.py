@@ -302,15 +302,27 @@ def test_counters_by_netlink_dump_equal_the_listing(gw, tmp_path):
             subprocess.run(["nft", "add element %%s { %%s counter packets %%d bytes 1 : %%s . %%d }"
                             %% (m, key, packets, b["address"], b["port"])], check=True)
             expected["%%s %%s" %% (e["protocol"], key)] = packets
+        ok(svc, op="set", table="masquerade", entries=[
+            {"name": "ftp", "source": "10.16.0.0/24", "output_interface": "wan0", "helpers": ["ftp"]}])
         dumped, listed = svc.nft.read_counters(), svc.nft._listed_counters()
+        table, listed_table = svc.nft.read_table(), svc.nft._listed_table()
+        same_table = {f: getattr(table, f) == getattr(listed_table, f) for f in ("shape", "rules", "comments", "timed")}
+        shape_diff = sorted(str((k, table.shape.get(k), listed_table.shape.get(k)))
+                            for k in set(table.shape) | set(listed_table.shape) if table.shape.get(k) != listed_table.shape.get(k))
+        kinds = sorted({kind for kind, _name in table.shape})
         rows = svc.handle({"op": "list", "table": "portfw"})["result"]["entries"]
         got = {"%%s %%s . %%s . %%d" %% (r["protocol"], r["local_address"], r["protocol"], r["local_port"]):
                r["backends"][0]["connections"] for r in rows if len(r["backends"]) == 1}
         print(json.dumps({"rules_equal": dumped[0] == listed[0], "rule_chains": len(dumped[0]),
                           "elements_equal": {k: v for k, v in dumped[1].items() if v} == listed[1],
                           "elements": sum(len(v) for v in dumped[1].values()),
-                          "connections": {k: got[k] for k in expected}, "expected": expected}))
+                          "connections": {k: got[k] for k in expected}, "expected": expected,
+                          "same_table": same_table, "shape_diff": shape_diff[:5], "kinds": kinds, "timed_maps": len(table.timed),
+                          "phases": sum(1 for c in table.comments.values() if c.startswith("phase"))}))
     """ % str(tmp_path))
     assert out["rules_equal"] and out["rule_chains"] >= 100
     assert out["elements_equal"] and out["elements"] == 300  # the set replaced the scenario's keys
     assert out["connections"] == out["expected"]
+    # read_table (dumps, and each timed map listed alone) reads what the whole-table listing reads
+    assert out["same_table"] == {"shape": True, "rules": True, "comments": True, "timed": True}, out["shape_diff"]
+    assert out["kinds"] == ["chain", "ct helper", "map"] and out["timed_maps"] >= 2

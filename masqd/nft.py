@@ -258,8 +258,8 @@ def _timed_item(item: Any) -> Tuple[str, Tuple[Optional[str], Optional[int], Opt
     set in nft's JSON."""
     key, value = item if isinstance(item, list) else (item, None)
     meta = key.get("elem", {}) if isinstance(key, dict) else {}
-    return _key_text(meta.get("val", key)), (None if value is None else _key_text(value),
-                                              meta.get("timeout"), meta.get("expires"))
+    shown = None if value is None else _key_text(value)
+    return _key_text(meta.get("val", key)), (shown, meta.get("timeout"), meta.get("expires"))
 
 
 def _key_text(val: Any) -> str:

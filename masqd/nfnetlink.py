@@ -1,8 +1,9 @@
 """nf_tables over netlink, read side: attribute decoding and dumps.
 
-Two readers need the kernel's own messages rather than libnftables' listing: the
-ruleset watcher (NFNLGRP_NFTABLES events) and the counter reads of `list` and the
-metrics (NFT_MSG_GETRULE / NFT_MSG_GETSETELEM dumps). libnftables' `list table`
+The kernel's own messages rather than libnftables' listing serve the ruleset watcher
+(NFNLGRP_NFTABLES events), the counter reads of `list` and the metrics, and
+`read_table` (restart, drift repair, verification): dumps of the table's chains,
+sets, objects, rules and set elements. libnftables' `list table`
 builds every object of the table as JSON or text first: 4 s for a map of 100,000
 elements on nftables 1.0.6, where the dump of that map and its decoding here take
 about 0.8 s. Writes stay with libnftables. Layouts: linux/netfilter/nf_tables.h and
@@ -41,6 +42,7 @@ NFTA_DATA_VALUE = 1
 PROTOCOLS = {6: "tcp", 17: "udp", 33: "dccp", 132: "sctp"}  # nft's names for inet_proto
 DUMP_ATTEMPTS = 5  # a dump the ruleset changed under (NLM_F_DUMP_INTR) is taken again
 RECV_SIZE = 1 << 16  # the kernel fills at most 32 KiB per dump message
+DUMP_TIMEOUT = 30.0  # seconds one receive may wait
 
 
 class DumpInterrupted(Exception):
@@ -118,6 +120,7 @@ class Dumper:
     def __init__(self) -> None:
         self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_NETFILTER)
         self.sock.bind((0, 0))
+        self.sock.settimeout(DUMP_TIMEOUT)  # a kernel that stops answering: OSError, not a hang
         self.seq = 0
 
     def close(self) -> None:

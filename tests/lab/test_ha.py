@@ -48,10 +48,21 @@ def pair():
 
 
 def _healthy(lab):
-    """Both gateways converged, gw1 master, gw2 backup (what each test starts from)."""
+    """Both gateways converged, gw1 master, gw2 backup, and settled: no notify script
+    has run for 2 s, so the last transition's conntrackd resync is done (what each
+    test starts from; a pair that just failed back has flushed its caches)."""
     for host in hp.GATEWAYS:
         hp.set_links(lab, host, True)
     hp.wait_master(lab, "gw1", timeout=20)
+    deadline, last, since = time.monotonic() + 20, None, time.monotonic()
+    while time.monotonic() < deadline:
+        logged = [len(hp.notify_log(lab, host)) for host in hp.GATEWAYS]
+        if logged != last:
+            last, since = logged, time.monotonic()
+        elif time.monotonic() - since >= 2.0:
+            break
+        time.sleep(0.2)
+    assert hp.master(lab) == "gw1"
 
 
 def _new_connection_time(lab, act):

@@ -38,6 +38,17 @@ def test_module_doc_renders(module, ansible_env):
         assert len(modules) == 1 and modules[0].startswith(("ipmasq.gateway.", "ansible.builtin.")), task
 
 
+def test_gateway_agent_doc_renders(ansible_env):
+    name = "ipmasq.gateway.gateway_agent"
+    text = run(["ansible-doc", name], env=ansible_env, timeout=60)
+    assert text.stderr == ""
+    doc = json.loads(run(["ansible-doc", "--json", name], env=ansible_env, timeout=60).stdout)[name]
+    assert {"src", "dest", "links", "sysctls", "rp_filter", "daemon"} <= set(doc["doc"]["options"])
+    assert {"changes", "agent_changed", "started", "sysctls_changed"} <= set(doc["return"])
+    for task in yaml.safe_load(doc["examples"]):
+        assert [k for k in task if k != "name"] == [name], task
+
+
 def test_connection_doc_renders(ansible_env):
     text = run(["ansible-doc", "-t", "connection", "ipmasq.gateway.netns"], env=ansible_env, timeout=60)
     assert text.stderr == ""
@@ -52,5 +63,5 @@ def test_action_group_lists_every_masq_module():
 
 def test_docs_page_covers_every_module():
     page = open(os.path.join(REPO, "docs", "modules.md")).read()
-    for module in MODULES:
+    for module in MODULES + ["gateway_agent"]:
         assert re.search(r"ipmasq\.gateway\.%s\b" % module, page), module

@@ -3,7 +3,8 @@ ONE run of playbooks/site.yml (the gateway role + each gateway's tables, the pro
 path: the role installs and starts masqd in every namespace), verified with real
 connections, then converged again, which must change nothing.
 
-    python -m bench.fleet_lab [--gateways 20] [--forks 10] [--serial 100%] [--timeout S] [--repeat 3] [--no-report]
+    python -m bench.fleet_lab [--gateways 20] [--grow-to 40] [--forks 10] [--serial 100%] [--timeout S]
+                              [--repeat 3] [--no-report]
 
 Beside every fleet figure, Ansible's own floor measured in the same lab: one play with
 one ansible.builtin.ping per gateway, same inventory, connection and forks, run three
@@ -289,7 +290,7 @@ def fleet_lab(n=DEFAULT_GATEWAYS, forks=10, serial=None, timeout=None):
 
     rows = [{"gateway": c["gateway"], "first_changed": first.get(c["gateway"], {}).get("changed"),
              "rerun_changed": rerun.get(c["gateway"], {}).get("changed"), "probe": c} for c in checks]
-    return {
+    data = {
         "method": {"gateways": n, "namespaces": 3 * n, "forks": forks,
                    "rollout_serial": serial or "site.yml default [1, '25%', '100%']",
                    "playbook": "playbooks/site.yml (gateway role + tables + post-change check) of a "
@@ -317,6 +318,10 @@ def fleet_lab(n=DEFAULT_GATEWAYS, forks=10, serial=None, timeout=None):
                 r["changed"] == 0 for r in rerun.values()),
         },
     }
+    if n == 10:  # the targets are set at 10 gateways
+        data["targets"]["first run <= 10x Ansible's floor (10 gateways)"] = first_s <= 10 * floor_s
+        data["targets"]["re-run <= 5x Ansible's floor (10 gateways)"] = rerun_s <= 5 * floor_s
+    return data
 
 
 def medians_of(runs):
@@ -333,6 +338,20 @@ def medians_of(runs):
     return data
 
 
+def growth(small, large):
+    """How the fleet's time grows from `small` to `large` gateways (two medians_of()
+    documents measured in the same invocation): the ratios of their wall times, and the
+    target that growth stays within 4.5x for 4x the gateways (no superlinear growth)."""
+    a, b = small["summary"], large["summary"]
+    n, m = small["method"]["gateways"], large["method"]["gateways"]
+    ratios = {"gateways": [n, m], "first_s": [a["first_s"], b["first_s"]], "rerun_s": [a["rerun_s"], b["rerun_s"]],
+              "floor_s": [a["floor_s"], b["floor_s"]], "first_ratio": b["first_s"] / a["first_s"],
+              "rerun_ratio": b["rerun_s"] / a["rerun_s"]}
+    limit = 4.5 * m / (4 * n)
+    target = "%d gateways <= %.2gx the time of %d (first run and re-run)" % (m, limit, n)
+    return ratios, {target: ratios["first_ratio"] <= limit and ratios["rerun_ratio"] <= limit}
+
+
 def run(quick=False):
     """bench.run's interface: 10 gateways in quick mode, else DEFAULT_GATEWAYS."""
     return fleet_lab(10 if quick else DEFAULT_GATEWAYS)
@@ -346,6 +365,9 @@ def main(argv=None):
                         help="rollout_serial for site.yml (e.g. 100%%); default: site.yml's own batches")
     parser.add_argument("--timeout", type=int, default=None, help="seconds per ansible-playbook run")
     parser.add_argument("--repeat", type=int, default=1, help="build the lab this many times; figures are medians")
+    parser.add_argument("--grow-to", type=int, default=None, metavar="N",
+                        help="also measure N gateways in the same run (alternating with --gateways) and "
+                             "report how the time grows")
     parser.add_argument("--no-report", action="store_true", help="do not regenerate bench/REPORT.md")
     args = parser.parse_args(argv)
     if not 1 <= args.gateways <= MAX_GATEWAYS:
@@ -356,9 +378,20 @@ def main(argv=None):
         parser.error("must run as root (namespaces, nftables)")
     if args.repeat < 1:
         parser.error("--repeat %d: must be at least 1" % args.repeat)
+    if args.grow_to is not None and not args.gateways < args.grow_to <= MAX_GATEWAYS:
+        parser.error("--grow-to %d: must be more than --gateways and at most %d" % (args.grow_to, MAX_GATEWAYS))
     t0 = time.monotonic()
-    runs = [fleet_lab(args.gateways, args.forks, args.serial, args.timeout) for _run in range(args.repeat)]
+    runs, grown = [], []
+    for _run in range(args.repeat):
+        runs.append(fleet_lab(args.gateways, args.forks, args.serial, args.timeout))
+        if args.grow_to:
+            grown.append(fleet_lab(args.grow_to, args.forks, args.serial, args.timeout))
     data = medians_of(runs)
+    if grown:
+        data["growth"], target = growth(data, medians_of(grown))
+        data["targets"].update(target)
+        log("%d -> %d gateways: first run %.2fx, re-run %.2fx the time" % (
+            args.gateways, args.grow_to, data["growth"]["first_ratio"], data["growth"]["rerun_ratio"]))
     data["wall_s"] = time.monotonic() - t0
     common.write_result("fleet_lab", False, data)
     # A dated copy per fleet size, so the 10- and 40-gateway figures sit side by side.

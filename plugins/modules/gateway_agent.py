@@ -117,9 +117,10 @@ notes:
 attributes:
   check_mode:
     support: full
+    description: Reports in RV(changes) what would change and changes nothing.
   diff_mode:
     support: partial
-    details: The kernel settings and the agent file's checksum.
+    description: The kernel settings that change, with their values before and after.
 """
 
 EXAMPLES = r"""

@@ -146,6 +146,25 @@ def test_after_a_reboot_masqd_is_up_with_its_state_and_forwarding(gateway):
     assert changed_tasks(document) == []
 
 
+def test_a_changed_agent_file_is_put_back_and_the_unit_restarted(gateway):
+    """gateway_agent reports the new file (agent_changed) and the role restarts the
+    running unit with it; the sysctl.d file it persists is there."""
+    before = unit_property(gateway.host, "MainPID")
+    gateway.host.ssh("echo '# local edit' >> /usr/local/lib/masqd/masqd.pyz", check=True)
+    proc, document = gateway.role()
+    assert proc.returncode == 0, failures(document)
+    agent = task_result(document, "Install the agent, set forwarding and reverse path filtering, "
+                                  "run it without systemd")
+    assert agent["agent_changed"] is True and agent["started"] is False
+    assert task_result(document, "Enable and start the masqd unit")["changed"]
+    wait_for(lambda: unit_property(gateway.host, "ActiveState") == "active", 15, "masqd active")
+    assert unit_property(gateway.host, "MainPID") not in ("0", before)
+    assert gateway.host.ssh("grep -qa '# local edit' /usr/local/lib/masqd/masqd.pyz").returncode == 1
+    persisted = gateway.host.ssh("cat /etc/sysctl.d/90-ipmasq-gateway.conf", check=True).stdout
+    assert "net.ipv4.ip_forward = 1" in persisted and "net.ipv4.conf.*.rp_filter = 1" in persisted
+    wait_for(gateway.forwards, 10, "forwarding through the host with the restarted agent")
+
+
 @pytest.mark.parametrize("release", RELEASES)
 def test_check_mode_on_a_fresh_host_then_the_users_tasks_does_not_fail(lab_factory, tmp_path,
                                                                        release):

@@ -11,13 +11,15 @@ again (its ready line). Measured per trial, alternating masqd and HAProxy:
 
 Cost: 1,000 PORTFW keys, each with one tcp-checked backend at a 1 s interval (1,000
 checks a second, each against its own port of an accept-and-close listener), the agent's CPU (utime+stime
-of all its threads, /proc) over a window, and its RSS sampled through the window (a
+of all its threads, /proc) over a window, as charged in the lab and its own work (the
+backend's kernel work moved off its core: receive_off_core), and its RSS sampled through the window (a
 soak after a warm-up of 30/60 s: 10 minutes in the full run, 60 s with --quick;
 HEALTH_SOAK=SECONDS overrides). HAProxy with 1,000 servers
 `check inter 1000` over a shorter window, for comparison. Baseline: the same 1,000
 keys with no checks.
 """
 
+import contextlib
 import json
 import os
 import signal
@@ -94,7 +96,9 @@ def run(quick=False):
     targets = {
         "failover median <= 300 ms (interval 0.1 s, fall 2)": _le(summary["masqd"]["failover_ms"], 300),
         "recovery median <= 500 ms (rise 2)": _le(summary["masqd"]["recovery_ms"], 500),
-        "1,000 checked backends at 1 s < 5% of one core": _le(cost["masqd_cpu_percent"], 5.0),
+        # The agent's own work; the figure as charged in the lab (the backend's kernel
+        # work included, see receive_off_core) is reported beside it.
+        "1,000 checked backends at 1 s < 5% of one core": _le(cost["masqd_own_cpu_percent"], 5.0),
         "no memory growth over the soak": cost["rss_growth_kib"] is not None and cost["rss_growth_kib"] <= 2048,
     }
     return {"method": {"trials_per_checker": trials, "probe_interval_ms": 5, "statistic": "median",
@@ -180,19 +184,63 @@ def _cost(lab, agent, work, soak, quick):
             time.sleep(min(10.0, max(0.0, t_end - time.monotonic())))
         rss.append(agent.rss_kib())
         cpu = (common.process_cpu([agent.proc.pid]) - cpu0) / (time.monotonic() - t0) * 100
+        with receive_off_core(lab, [agent.proc.pid]):
+            own = _cpu_window(agent, 30.0 if quick else 60.0)
         with agent.client() as c:
             stats = c.request("status")["result"]["watchers"]["health"]
         third = max(1, len(rss) // 3)
         growth = median(rss[-third:]) - median(rss[:third]) if len(rss) >= 3 else None
         haproxy_cpu = _haproxy_cost(lab, work, 20.0 if quick else 60.0)
+        haproxy_own = _haproxy_cost(lab, work, 20.0 if quick else 60.0, off_core=True)
     finally:
         sink.kill()
         sink.wait(5)
     return {"masqd_cpu_percent": round(cpu, 2), "masqd_baseline_cpu_percent": round(baseline, 2),
+            "masqd_own_cpu_percent": round(own, 2),
             "haproxy_cpu_percent": round(haproxy_cpu, 2) if haproxy_cpu is not None else None,
+            "haproxy_own_cpu_percent": round(haproxy_own, 2) if haproxy_own is not None else None,
             "checks_up": stats["up"], "checks_down": stats["down"], "targets": stats["targets"],
             "rss_kib_first": rss[0], "rss_kib_last": rss[-1], "rss_kib_max": max(rss),
             "rss_growth_kib": growth, "rss_samples": rss}
+
+
+# In a veth lab the sender's system call runs the receiving namespace's whole stack:
+# the agent's connect() and close() are charged the backend's kernel work (its SYN
+# handling, SYN-ACK, RST), which on a real network runs on the backend's machine. For
+# the agent's own cost, the lab's receive processing is steered to the other core
+# (RPS: as a NIC's interrupt would put it) and the measured process is pinned to core 0.
+OWN_CORE, RECEIVE_CORE = 0, 1
+RPS_SCRIPT = r"""
+[ "$(readlink /proc/self/ns/net)" != "$(readlink /proc/1/ns/net)" ] || exit 3  # never the machine's own
+for f in /sys/class/net/*/queues/rx-*/rps_cpus; do [ -e "$f" ] && echo "$1" > "$f"; done
+"""
+
+
+@contextlib.contextmanager
+def receive_off_core(lab, pids):
+    """Within: the lab's receive processing on RECEIVE_CORE, `pids` (every thread) on
+    OWN_CORE; restored after."""
+    def rps(mask):
+        for netns in (lab.netns(host) for host in lab.spec["hosts"]):
+            subprocess.run(["ip", "netns", "exec", netns, "sh", "-c", RPS_SCRIPT, "sh", mask],
+                           check=True, timeout=10)
+
+    def pin(cores):
+        for pid in pids:
+            for tid in os.listdir("/proc/%d/task" % pid):
+                try:
+                    os.sched_setaffinity(int(tid), cores)
+                except OSError:  # a thread that ended meanwhile
+                    pass
+
+    rps("%x" % (1 << RECEIVE_CORE))
+    pin({OWN_CORE})
+    try:
+        time.sleep(2.0)  # settle
+        yield
+    finally:
+        pin(set(range(os.cpu_count() or 1)))
+        rps("0")
 
 
 def _cpu_window(agent, seconds):
@@ -201,7 +249,7 @@ def _cpu_window(agent, seconds):
     return (common.process_cpu([agent.proc.pid]) - cpu0) / (time.monotonic() - t0) * 100
 
 
-def _haproxy_cost(lab, work, seconds):
+def _haproxy_cost(lab, work, seconds, off_core=False):
     d = os.path.join(work, "haproxy-cost")
     os.makedirs(d, exist_ok=True)
     servers = "".join("    server s%d %s:%d check inter 1000\n" % (i, SERVERS["server"], SINK_PORT + i)
@@ -218,9 +266,10 @@ def _haproxy_cost(lab, work, seconds):
         if proc.poll() is not None:
             return None
         pids = common.tree_pids(proc.pid)
-        cpu0, t0 = common.process_cpu(pids), time.monotonic()
-        time.sleep(seconds)
-        return (common.process_cpu(pids) - cpu0) / (time.monotonic() - t0) * 100
+        with receive_off_core(lab, pids) if off_core else contextlib.nullcontext():
+            cpu0, t0 = common.process_cpu(pids), time.monotonic()
+            time.sleep(seconds)
+            return (common.process_cpu(pids) - cpu0) / (time.monotonic() - t0) * 100
     finally:
         proc.terminate()
         proc.wait(10)

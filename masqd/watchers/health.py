@@ -96,6 +96,12 @@ def _family(address: str) -> int:
 QUIET_MARK = 0x6D617364  # "masd"
 _LINGER0 = struct.pack("ii", 1, 0)  # close = reset: no TIME_WAIT from 1,000 checks a second
 _FAILED = select.EPOLLERR | select.EPOLLHUP
+# Constants of the per-check path, bound once (module globals, not attribute lookups).
+_STREAM_NONBLOCK = socket.SOCK_STREAM | socket.SOCK_NONBLOCK
+_SOL_SOCKET, _SO_MARK, _SO_LINGER, _SO_ERROR = socket.SOL_SOCKET, socket.SO_MARK, socket.SO_LINGER, socket.SO_ERROR
+_IPPROTO_TCP, _TCP_QUICKACK = socket.IPPROTO_TCP, socket.TCP_QUICKACK
+_EINPROGRESS, _EAGAIN = errno.EINPROGRESS, errno.EAGAIN
+_OUT_ONESHOT = select.EPOLLOUT | select.EPOLLONESHOT
 
 
 def probe_socket(family: int, kind: int, proto: int = 0) -> socket.socket:
@@ -121,18 +127,21 @@ async def probe_tcp(address: str, port: int) -> None:
 
 
 class TcpProbes:
-    """TCP checks without a coroutine or a handle per check: a non-blocking connect
-    registered (EPOLLOUT, one-shot) in one epoll of our own, whose descriptor is the
-    only thing the asyncio loop watches; ready connects are collected in batches, and
-    one sweep every SWEEP seconds ends those past their timeout. This is the path
-    1,000 checks a second take (bench/health.py)."""
+    """TCP checks without a coroutine, a handle or a callback object per check: a
+    non-blocking connect registered (EPOLLOUT, one-shot) in one epoll of our own, whose
+    descriptor is the only thing the asyncio loop watches; ready connects are collected
+    in batches and handed to `finish(target, state, ok, error)`, and one sweep every
+    SWEEP seconds ends those past their timeout. This is the path 1,000 checks a second
+    take (bench/health.py)."""
 
     SWEEP = 0.02
 
-    def __init__(self, loop) -> None:
+    def __init__(self, loop, finish) -> None:
         self.loop = loop
+        self.finish = finish
         self.epoll = select.epoll()
-        self.pending: Dict[int, Tuple[Any, Any, float, float]] = {}
+        # fd -> (socket, target, its state, deadline, timeout)
+        self.pending: Dict[int, Tuple[Any, Any, Any, float, float]] = {}
         self._sweeper = None
         loop.add_reader(self.epoll.fileno(), self._ready)
 
@@ -140,58 +149,62 @@ class TcpProbes:
         self.loop.remove_reader(self.epoll.fileno())
         if self._sweeper is not None:
             self._sweeper.cancel()
-        for sock, _done, _deadline, _timeout in self.pending.values():
-            sock.close()
+        for item in self.pending.values():
+            item[0].close()
         self.pending.clear()
         self.epoll.close()
 
-    def start(self, address: str, port: int, timeout: float, done) -> None:
+    def start(self, address: str, port: int, timeout: float, target: Any, st: Any) -> None:
         try:
             # The C socket type: no Python-level wrapper to build and tear down per check.
-            sock = _socket.socket(_family(address), socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+            sock = _socket.socket(_family(address), _STREAM_NONBLOCK)
             try:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, QUIET_MARK)
+                sock.setsockopt(_SOL_SOCKET, _SO_MARK, QUIET_MARK)
             except OSError:  # as probe_socket
                 pass
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER0)
+            sock.setsockopt(_SOL_SOCKET, _SO_LINGER, _LINGER0)
             # HAProxy's way for a connect-only check: with quick ACKs off, the
             # kernel holds the handshake's last ACK (it waits for data to carry it),
             # and the close sends a reset instead: SYN, SYN-ACK, RST. The backend's
             # kernel never completes the connection, so its application never
             # accepts one and no FIN exchange follows: about half the packets.
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 0)
+            sock.setsockopt(_IPPROTO_TCP, _TCP_QUICKACK, 0)
         except OSError as exc:
-            done(False, os.strerror(exc.errno) if exc.errno else str(exc))
+            self.finish(target, st, False, os.strerror(exc.errno) if exc.errno else str(exc))
             return
         err = sock.connect_ex((address, port))
-        if err in (errno.EINPROGRESS, errno.EAGAIN):
+        if err == _EINPROGRESS or err == _EAGAIN:
             fd = sock.fileno()
-            self.epoll.register(fd, select.EPOLLOUT | select.EPOLLONESHOT)
-            self.pending[fd] = (sock, done, self.loop.time() + timeout, timeout)
+            self.epoll.register(fd, _OUT_ONESHOT)
+            self.pending[fd] = (sock, target, st, self.loop.time() + timeout, timeout)
             if self._sweeper is None:
                 self._sweeper = self.loop.call_later(self.SWEEP, self._sweep)
             return
         sock.close()
-        done(err == 0, None if err == 0 else os.strerror(err))
+        self.finish(target, st, err == 0, None if err == 0 else os.strerror(err))
 
     def _ready(self) -> None:
+        pending, finish = self.pending, self.finish
         for fd, events in self.epoll.poll(0):
-            item = self.pending.pop(fd, None)
+            item = pending.pop(fd, None)
             if item is None:
                 continue
-            sock, done, _deadline, _timeout = item
+            sock = item[0]
             # A connect that failed reports EPOLLERR (and HUP); only then is the
             # error worth a getsockopt.
-            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) if events & _FAILED else 0
+            err = sock.getsockopt(_SOL_SOCKET, _SO_ERROR) if events & _FAILED else 0
             sock.close()  # also leaves the epoll: no EPOLL_CTL_DEL
-            done(err == 0, None if err == 0 else os.strerror(err) or "connect failed")
+            if err == 0:
+                finish(item[1], item[2], True, None)
+            else:
+                finish(item[1], item[2], False, os.strerror(err) or "connect failed")
 
     def _sweep(self) -> None:
         now = self.loop.time()
-        for fd in [fd for fd, item in self.pending.items() if item[2] <= now]:
-            sock, done, _deadline, timeout = self.pending.pop(fd)
+        for fd in [fd for fd, item in self.pending.items() if item[3] <= now]:
+            sock, target, st, _deadline, timeout = self.pending.pop(fd)
             sock.close()
-            done(False, "timeout after %gs" % timeout)
+            self.finish(target, st, False, "timeout after %gs" % timeout)
         self._sweeper = self.loop.call_later(self.SWEEP, self._sweep) if self.pending else None
 
 
@@ -410,7 +423,7 @@ class HealthWatcher:
     async def _main(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
-        self._tcp = TcpProbes(self._loop)
+        self._tcp = TcpProbes(self._loop, self._finish)
         self.running = True
         self._started.set()
         try:
@@ -487,12 +500,13 @@ class HealthWatcher:
         if self.in_flight > self.max_in_flight:
             self.max_in_flight = self.in_flight
 
+        if check["type"] == "tcp":
+            self._tcp.start(address, check.get("port") or backend_port, check["timeout"], target, st)
+            return
+
         def done(ok: bool, error: Optional[str]) -> None:
             self._finish(target, st, ok, error)
 
-        if check["type"] == "tcp":
-            self._tcp.start(address, check.get("port") or backend_port, check["timeout"], done)
-            return
         task = self._loop.create_task(self._probe(address, check.get("port") or backend_port, check))
         self._tasks.add(task)
 

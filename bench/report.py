@@ -5,6 +5,7 @@
 
 import json
 import os
+import re
 
 from bench.common import REPO, RESULTS
 
@@ -232,6 +233,12 @@ def control_section(doc):
             ("set 5,000 keys via socket (%d bytes)" % s["socket_set_5000_request_bytes"],
              f(s["socket_set_5000_s"]) + " s"),
             ("size of a full-table set request", "%.1f MB" % (s["full_table_request_bytes"] / 1e6))]
+    if "nft_f_median_s" in s:
+        rows += [("the kernel's own cost: `nft -f` of the same table (the agent's listing), another namespace",
+                  f(s["nft_f_median_s"]) + " s"),
+                 ("set of the whole table via socket, from empty (median) / as a multiple of `nft -f`",
+                  "%s s / %sx" % (f(s["socket_set_median_s"]), f(s["socket_set_x_nft_f"], "%.2f"))),
+                 ("daemon start as a multiple of `nft -f`", f(s["daemon_start_x_nft_f"], "%.2f") + "x")]
     return ("## 4. Control plane at %d keys\n\n%s\n\n" % (doc["method"]["keys"], _method(doc))
             + table(["measure", "value"], rows)
             + "\nProfile of the full apply: `%s`. Memory: the agent holds each PORTFW key once, as "
@@ -379,8 +386,7 @@ def ha_section(doc):
     rows.append(("new connections after the failover: round-robin alternation (1.0 = strict)",
                  runs["conntrackd"].get("schedule_after", {}).get("alternation"),
                  runs["no_conntrackd"].get("schedule_after", {}).get("alternation")))
-    return ("## 8. HA pair: the master dies (keepalived VRRPv3 + conntrackd FTFW)\n\n%s Run on %s.\n\n"
-            % (_method(doc), doc.get("date", "?"))
+    return ("## 8. HA pair: the master dies (keepalived VRRPv3 + conntrackd FTFW)\n\n%s\n\n" % _method(doc)
             + table(["", "with conntrackd", "keepalived alone"], rows)
             + "\nThe master loses all its links at once; `docs/ha.md` has the topology and every "
               "failure mode.\n\n")
@@ -411,8 +417,10 @@ def metrics_section(doc):
 
 def _method(doc):
     m = doc.get("method", {})
+    # Sections come from separate runs: each says when it was measured.
     return "Method: " + ", ".join("%s=%s" % (k, v) for k, v in m.items() if k != "profile") + \
-        (" (quick mode)" if doc.get("quick") else "") + "; wall %.0f s." % doc.get("wall_s", 0)
+        (" (quick mode)" if doc.get("quick") else "") + "; wall %.0f s. Measured %s." % (
+            doc.get("wall_s", 0), doc.get("machine", {}).get("date", "at an unrecorded date"))
 
 
 def machine_section(docs):
@@ -439,14 +447,15 @@ def main():
     else:
         parts.append(machine_section(docs))
         parts.append(targets_section(docs))
+        sections = []
         for name, fn in (("dataplane", dataplane_section), ("scale", scale_section), ("control", control_section),
                          ("ansible", ansible_section), ("failover", failover_section),
                          ("drift", drift_section), ("fleet_lab", fleet_lab_section), ("ha", ha_section),
                          ("metrics", metrics_section), ("health", health_section)):
-            if name in docs:
-                parts.append(fn(docs[name]))
-            else:
-                parts.append("## %s\n\nNot run yet.\n\n" % name)
+            sections.append(fn(docs[name]) if name in docs else "## %s\n\nNot run yet.\n\n" % name)
+        # Numbered in the order they are shown, whatever number a section's own text had.
+        parts += [re.sub(r"^## (?:[0-9–]+\. )?", "## %d. " % number, text, count=1)
+                  for number, text in enumerate(sections, 1)]
     with open(os.path.join(BENCH, "REPORT.md"), "w") as fh:
         fh.write("".join(parts))
     print("wrote bench/REPORT.md")

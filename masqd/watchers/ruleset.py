@@ -33,7 +33,7 @@ import struct
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Set, Tuple
+from typing import AbstractSet, Any, Callable, Dict, List, Optional, Set, Tuple
 
 from masqd.nfnetlink import (NETLINK_NETFILTER, NFNL_SUBSYS_NFTABLES, NFPROTO_INET,
                              attributes, counter_packets, rule_comment, string)
@@ -95,19 +95,25 @@ class Message:
     attrs: Dict[int, bytes]
 
 
-def messages(datagram: bytes) -> List[Message]:
-    """The nftables messages of one netlink datagram."""
-    out, offset = [], 0
+def messages(datagram: bytes, own: AbstractSet[int] = frozenset()) -> Tuple[List[Message], int]:
+    """The nftables messages of one netlink datagram, and how many were left out: those
+    sent for one of the `own` port ids (the monitor ignores them, and one 100,000-key
+    commit of the agent's own sends about that many), except NEWGEN, which ends a batch."""
+    out, offset, left_out = [], 0, 0
+    unpack = struct.unpack_from
     while offset + 16 <= len(datagram):
-        length, mtype, _flags, _seq, portid = struct.unpack_from("=IHHII", datagram, offset)
+        length, mtype, _flags, _seq, portid = unpack("=IHHII", datagram, offset)
         if length < 16:
             break
         if mtype >> 8 == NFNL_SUBSYS_NFTABLES and length >= 20:
-            family = datagram[offset + 16]
-            out.append(Message(mtype & 0xFF, portid, family,
-                               attributes(datagram, offset + 20, offset + length)))
+            kind = mtype & 0xFF
+            if portid in own and kind != NFT_MSG_NEWGEN:
+                left_out += 1
+            else:
+                out.append(Message(kind, portid, datagram[offset + 16],
+                                   attributes(datagram, offset + 20, offset + length)))
         offset += (length + 3) & ~3
-    return out
+    return out, left_out
 
 
 def own_netfilter_portids(exclude: int = 0) -> Set[int]:
@@ -215,7 +221,9 @@ class RulesetMonitor:
                 log.error("ruleset monitor stopped: %s", exc)
                 break
             try:
-                for msg in messages(datagram):
+                found, self_sent = messages(datagram, self._own)
+                self.events += self_sent
+                for msg in found:
                     self.handle(msg)
             except Exception as exc:  # one odd message must not end the monitor
                 log.warning("ruleset monitor: message ignored: %s: %s", type(exc).__name__, exc)

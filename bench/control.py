@@ -104,8 +104,8 @@ def run(quick=False, keys=100000):
 
 
 def _against_nft_f(lab, agent, work, keys, repeats):
-    """A socket `set` of `keys` PORTFW keys (from an empty table, as masqctl and the
-    modules send it) against the kernel's own cost for the same table: `nft -f` of the
+    """A socket `set` of `keys` PORTFW keys (from an empty table, `echo: false` as the
+    masq_* modules send it) against the kernel's own cost for the same table: `nft -f` of the
     table the agent programmed (`nft -s list table inet masqd`, written to a file), loaded
     into another namespace of the lab that has no agent; alternated, `repeats` times."""
     ruleset = os.path.join(work, "masqd-table.nft")
@@ -115,7 +115,7 @@ def _against_nft_f(lab, agent, work, keys, repeats):
         for _ in range(repeats):
             c.request("flush", table="portfw")
             t0 = common.now()
-            c.request("set", table="portfw", entries=entries)
+            c.request("set", table="portfw", entries=entries, echo=False)  # as the masq_* modules send it
             socket_set.append(common.now() - t0)
             if not nft_f:  # the table as the agent programmed it, once
                 listing = lab.run("gateway", ["nft", "-s", "list", "table", "inet", "masqd"], timeout=300,

@@ -21,7 +21,7 @@ from masqd.nft import NftError, shape_of
 from masqd.rp_filter import rp_filter_warnings
 from masqd.store import JOURNAL_MAX, Store
 
-_REQUEST_FIELDS = ("op", "table", "tables", "entry", "entries", "revision", "mark")
+_REQUEST_FIELDS = ("op", "table", "tables", "entry", "entries", "revision", "mark", "echo")
 _WRITE_OPS = ("add", "insert", "edit", "delete", "flush", "set", "schedule")
 _READ_OPS = ("status", "get", "list")
 _BACKEND_TABLES = ("portfw", "mfw")
@@ -270,6 +270,8 @@ class Service:
         method = getattr(self, "_op_" + op, None) if isinstance(op, str) else None
         if method is None:
             raise ValidationError("op", op, "unknown op")
+        if "echo" in request and op != "set":
+            raise ValidationError("echo", request["echo"], "only a set takes echo")
         if op in _WRITE_OPS and "revision" in request:
             rev = request["revision"]
             if isinstance(rev, bool) or not isinstance(rev, int):
@@ -435,12 +437,21 @@ class Service:
         return self._replace(table, {}), {"entries": []}
 
     def _op_set(self, request):
+        # echo: false answers with the entry counts only: a 100,000-key table sent back
+        # costs the agent and the caller about a second of JSON for what the caller sent.
+        echo = request.get("echo", True)
+        if not isinstance(echo, bool):
+            raise ValidationError("echo", echo, "must be true or false")
         if "tables" in request:
             news = self._tables_arg(request)
-            return self._replace_many(news), {"tables": {t: list(e.values()) for t, e in news.items()}}
+            changed = self._replace_many(news)
+            if not echo:
+                return changed, {"counts": {t: len(e) for t, e in news.items()}}
+            return changed, {"tables": {t: list(e.values()) for t, e in news.items()}}
         table = self._table(request)
         new = model.normalize_table(table, request.get("entries"), "entries")
-        return self._replace(table, new), {"entries": list(new.values())}
+        changed = self._replace(table, new)
+        return changed, {"entries": list(new.values())} if echo else {"count": len(new)}
 
     def _op_plan(self, request):
         if "tables" in request:

@@ -168,7 +168,9 @@ class ResourceModule(object):
                 after = normalize_table(self.table, plan.get("after", desired))
                 return self._exit(bool(plan.get("changed", True)), before, after, result, nft=plan.get("nft"))
             try:
-                response = self.agent.request("set", table=self.table, entries=desired, revision=revision)
+                # echo=False: the table is read back below, so the agent need not send it too.
+                response = self.agent.request("set", table=self.table, entries=desired, revision=revision,
+                                              echo=False)
             except MasqdError as error:
                 if error.field == "revision" and attempt == 1:
                     continue  # someone else wrote the table in between: re-read, recompute, retry once

@@ -248,7 +248,11 @@ def test_root_has_reserved_slots_when_every_connection_is_busy(running, monkeypa
             sock = _connect(path)
             sock.sendall(b'{"op": ')  # mid-request: not idle, not evictable
             busy.append(sock)
-        time.sleep(0.2)
+        # Every busy connection accepted and mid-request (a fixed sleep was too short on a loaded machine).
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and sum(
+                1 for slot in list(srv._conns.values()) if slot.idle_since is None) < server_mod.MAX_CONNECTIONS:
+            time.sleep(0.02)
         with Client(path, timeout=5) as client:  # the test runs as root
             assert client.request("status")["ok"]
         monkeypatch.setattr(server_mod, "peer_credentials", lambda sock: (1, 1000, 1000))

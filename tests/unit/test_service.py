@@ -292,6 +292,29 @@ def test_bad_multi_table_set_names_the_field_and_changes_nothing(svc, tables, fi
     assert snapshot(svc)[:3] == state[:3]
 
 
+def test_a_set_without_echo_answers_with_counts_and_changes_the_same(svc):
+    r = ok(svc, op="set", table="portfw", entries=[WEB], echo=False)
+    assert r["changed"] and r["result"] == {"count": 1}
+    assert len(ok(svc, op="get", table="portfw")["result"]["entries"]) == 1
+    r = ok(svc, op="set", tables={"portfw": [WEB], "marks": [MARK]}, echo=False)
+    assert r["changed"] and r["result"] == {"counts": {"portfw": 1, "marks": 1}}
+    assert ok(svc, op="set", table="portfw", entries=[WEB])["result"]["entries"][0]["local_port"] == 80
+
+
+@pytest.mark.parametrize("request_", [
+    {"op": "set", "table": "portfw", "entries": [], "echo": "no"},
+    {"op": "set", "table": "portfw", "entries": [], "echo": 0},
+    {"op": "get", "table": "portfw", "echo": False},
+    {"op": "add", "table": "portfw", "entry": WEB, "echo": False},
+])
+def test_a_bad_echo_is_refused_naming_it_and_changes_nothing(svc, request_):
+    ok(svc, op="add", table="masquerade", entry={"name": "web", "source": "10.16.0.27/32"})
+    state = snapshot(svc)
+    resp = svc.handle(request_)
+    assert not resp["ok"] and resp["error"]["field"] == "echo", resp
+    assert snapshot(svc)[:3] == state[:3]
+
+
 def test_tables_and_table_together_are_refused(svc):
     resp = svc.handle({"op": "set", "table": "portfw", "tables": {"portfw": []}})
     assert not resp["ok"] and resp["error"]["field"] == "tables"

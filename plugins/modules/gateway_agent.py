@@ -220,19 +220,12 @@ class Gateway:
             if self.changed("directory %s" % path):
                 os.makedirs(path, exist_ok=True)
 
-    def agent_file(self, dest: str, checksum: str, agent_file: str | None) -> bool:
-        """Installs the transferred copy at `dest` when the checksums differ. Returns
-        False when the file differs and no copy was transferred yet."""
-        current = self.module.sha1(dest) if os.path.isfile(dest) else None
-        if current != checksum:
-            if self.check:
-                self.changed("agent file %s" % dest)
-            elif agent_file is None:
-                return False
-            else:
-                self.changed("agent file %s" % dest)
-                os.makedirs(os.path.dirname(dest), exist_ok=True)
-                self.module.atomic_move(agent_file, dest)
+    def agent_file(self, dest: str, differs: bool, agent_file: str | None) -> None:
+        """Installs the transferred copy at `dest` when it differs."""
+        if differs and self.changed("agent file %s" % dest):
+            assert agent_file is not None  # main() asked the action plugin for it first
+            os.makedirs(os.path.dirname(dest), exist_ok=True)
+            self.module.atomic_move(agent_file, dest)
         if os.path.exists(dest):
             # Each applies only outside check mode and says whether anything differed.
             if (self.module.set_mode_if_different(dest, "0755", False)
@@ -383,12 +376,14 @@ def main() -> None:
     sysctls = {str(key): str(value) for key, value in params["sysctls"].items()}
     gateway = Gateway(module)
     gateway.refuse_bad_input(params, sysctls)
-    gateway.directories(params["directories"])
-    if not gateway.agent_file(params["dest"], params["checksum"], params["agent_file"]):
-        # Nothing changed yet: the action plugin sends the file and runs the module again.
+    dest = params["dest"]
+    agent_changed = (module.sha1(dest) if os.path.isfile(dest) else None) != params["checksum"]
+    if agent_changed and not module.check_mode and params["agent_file"] is None:
+        # Nothing is changed yet: the action plugin sends the file and runs the module again.
         module.exit_json(changed=False, agent_file_needed=True)
-    agent_changed = any(change.startswith("agent file ") for change in gateway.changes)
-    gateway.links(params["dest"], params["links"])
+    gateway.directories(params["directories"])
+    gateway.agent_file(dest, agent_changed, params["agent_file"])
+    gateway.links(dest, params["links"])
     for name, value in sysctls.items():
         gateway.sysctl(name, value)
     if params["rp_filter"] is not None:

@@ -112,7 +112,7 @@ def _against_nft_f(lab, agent, work, keys, repeats):
     entries = portfw_entries(keys)
     socket_set, nft_f = [], []
     with agent.client() as c:
-        for _ in range(repeats):
+        for _round in range(repeats):
             c.request("flush", table="portfw")
             t0 = common.now()
             c.request("set", table="portfw", entries=entries, echo=False)  # as the masq_* modules send it

@@ -221,9 +221,9 @@ class Gateway:
                 os.makedirs(path, exist_ok=True)
 
     def agent_file(self, dest: str, differs: bool, agent_file: str | None) -> None:
-        """Installs the transferred copy at `dest` when it differs."""
-        if differs and self.changed("agent file %s" % dest):
-            assert agent_file is not None  # main() asked the action plugin for it first
+        """Installs the transferred copy at `dest` when it differs (in check mode there is
+        no copy: the change is only recorded)."""
+        if differs and self.changed("agent file %s" % dest) and agent_file is not None:
             os.makedirs(os.path.dirname(dest), exist_ok=True)
             self.module.atomic_move(agent_file, dest)
         if os.path.exists(dest):

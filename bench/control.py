@@ -115,7 +115,7 @@ def _against_nft_f(lab, agent, work, keys, repeats):
         for _round in range(repeats):
             c.request("flush", table="portfw")
             t0 = common.now()
-            c.request("set", table="portfw", entries=entries, echo=False)  # as the masq_* modules send it
+            c.request("set", table="portfw", entries=entries, echo=False)  # as the single-table masq_* modules send it
             socket_set.append(common.now() - t0)
             if not nft_f:  # the table as the agent programmed it, once
                 listing = lab.run("gateway", ["nft", "-s", "list", "table", "inet", "masqd"], timeout=300,

@@ -236,7 +236,7 @@ def control_section(doc):
     if "nft_f_median_s" in s:
         rows += [("the kernel's own cost: `nft -f` of the same table (the agent's listing), another namespace",
                   f(s["nft_f_median_s"]) + " s"),
-                 ("set of the whole table via socket (`echo: false`, as the masq_* modules send it), "
+                 ("set of the whole table via socket (`echo: false`, as the single-table masq_* modules send it), "
                   "from empty (median) / as a multiple of `nft -f`",
                   "%s s / %sx" % (f(s["socket_set_median_s"]), f(s["socket_set_x_nft_f"], "%.2f"))),
                  ("daemon start as a multiple of `nft -f`", f(s["daemon_start_x_nft_f"], "%.2f") + "x")]

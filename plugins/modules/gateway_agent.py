@@ -291,14 +291,11 @@ class Gateway:
             os.chmod(temporary, 0o644)
             os.replace(temporary, path)
 
-    def run(self, argv: list[str]) -> tuple[int, str, str]:
-        return self.module.run_command(argv)
-
     def daemon(self, spec: dict, file_changed: bool) -> bool:
         """Starts the agent when it is not running, restarts it when its file changed;
         waits for its socket. Returns whether it was (would be) started."""
         match = ["--pidfile", spec["pidfile"], "--exec", spec["python"]]
-        rc, out, err = self.run([SSD, "--status"] + match)
+        rc, out, err = self.module.run_command([SSD, "--status"] + match)
         if rc not in (0,) + SSD_NOT_RUNNING:
             self.module.fail_json(msg="daemon: start-stop-daemon --status failed (rc %d): %s" % (rc, (err or out).strip()))
         running = rc == 0
@@ -307,15 +304,16 @@ class Gateway:
         if not self.changed("restarted masqd" if running else "started masqd"):
             return True
         if running:
-            rc, out, err = self.run([SSD, "--stop", "--oknodo", "--retry", "TERM/5/KILL/2", "--remove-pidfile"] + match)
+            rc, out, err = self.module.run_command([SSD, "--stop", "--oknodo", "--retry", "TERM/5/KILL/2", "--remove-pidfile"] + match)
             if rc != 0:
                 self.module.fail_json(msg="daemon: the agent did not stop (rc %d): %s" % (rc, (err or out).strip()))
         if os.path.lexists(spec["socket"]):
             os.unlink(spec["socket"])  # left by an agent that is not running
         for path in (spec["pidfile"], spec["log"]):
             os.makedirs(os.path.dirname(path), exist_ok=True)
-        rc, out, err = self.run([SSD, "--start", "--oknodo", "--background", "--make-pidfile"] + match
-                                + ["--startas", spec["command"], "--output", spec["log"], "--"] + spec["args"])
+        start = ([SSD, "--start", "--oknodo", "--background", "--make-pidfile"] + match
+                 + ["--startas", spec["command"], "--output", spec["log"], "--"] + spec["args"])
+        rc, out, err = self.module.run_command(start)
         if rc != 0:
             self.module.fail_json(msg="daemon: start-stop-daemon --start failed (rc %d): %s" % (rc, (err or out).strip()))
         self.wait_for_socket(spec)

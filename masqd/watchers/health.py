@@ -21,6 +21,7 @@ kernel refuses it, a raw socket (needs CAP_NET_RAW, which the agent has as root)
 import _socket
 import asyncio
 import concurrent.futures
+import ctypes
 import errno
 import heapq
 import itertools
@@ -126,15 +127,41 @@ async def probe_tcp(address: str, port: int) -> None:
         sock.close()
 
 
+def _disconnector() -> Optional[Any]:
+    """libc's connect(), for connect(fd, AF_UNSPEC): the kernel's tcp_disconnect. It
+    resets an established connection (as a close with SO_LINGER 0 does) and leaves the
+    socket unconnected, ready for the next check. Python's socket.connect() cannot
+    pass AF_UNSPEC to an AF_INET socket; None where libc is not reachable (sockets are
+    then closed after each check)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        connect = libc.connect
+    except (OSError, AttributeError):
+        return None
+    connect.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32)
+    connect.restype = ctypes.c_int
+    return connect
+
+
+_UNSPEC = bytes(16)  # struct sockaddr with sa_family = AF_UNSPEC (0)
+
+
 class TcpProbes:
     """TCP checks without a coroutine, a handle or a callback object per check: a
     non-blocking connect registered (EPOLLOUT, one-shot) in one epoll of our own, whose
     descriptor is the only thing the asyncio loop watches; ready connects are collected
     in batches and handed to `finish(target, state, ok, error)`, and one sweep every
     SWEEP seconds ends those past their timeout. This is the path 1,000 checks a second
-    take (bench/health.py)."""
+    take (bench/health.py).
+
+    A socket whose connect succeeded is disconnected (AF_UNSPEC: a reset, as HAProxy's
+    close with SO_LINGER 0) and kept for the next check: no socket(), no options, no
+    close() and no epoll registration per check, only connect, re-arm and disconnect.
+    A socket that failed or timed out is closed (its error state is not carried into a
+    later check)."""
 
     SWEEP = 0.02
+    IDLE_MAX = 256  # per address family; more than that in flight are closed after use
 
     def __init__(self, loop, finish) -> None:
         self.loop = loop
@@ -142,6 +169,9 @@ class TcpProbes:
         self.epoll = select.epoll()
         # fd -> (socket, target, its state, deadline, timeout)
         self.pending: Dict[int, Tuple[Any, Any, Any, float, float]] = {}
+        self.idle: Dict[int, list] = {socket.AF_INET: [], socket.AF_INET6: []}
+        self.registered: set = set()  # fds in the epoll (they leave it when closed)
+        self.disconnect = _disconnector()
         self._sweeper = None
         loop.add_reader(self.epoll.fileno(), self._ready)
 
@@ -152,22 +182,33 @@ class TcpProbes:
         for item in self.pending.values():
             item[0].close()
         self.pending.clear()
+        for pool in self.idle.values():
+            for sock in pool:
+                sock.close()
+            pool.clear()
         self.epoll.close()
 
-    def start(self, address: str, port: int, timeout: float, target: Any, st: Any) -> None:
+    def _new_socket(self, family: int) -> Any:
+        # The C socket type: no Python-level wrapper to build and tear down per check.
+        sock = _socket.socket(family, _STREAM_NONBLOCK)
         try:
-            # The C socket type: no Python-level wrapper to build and tear down per check.
-            sock = _socket.socket(_family(address), _STREAM_NONBLOCK)
-            try:
-                sock.setsockopt(_SOL_SOCKET, _SO_MARK, QUIET_MARK)
-            except OSError:  # as probe_socket
-                pass
-            sock.setsockopt(_SOL_SOCKET, _SO_LINGER, _LINGER0)
+            sock.setsockopt(_SOL_SOCKET, _SO_MARK, QUIET_MARK)
+        except OSError:  # as probe_socket
+            pass
+        sock.setsockopt(_SOL_SOCKET, _SO_LINGER, _LINGER0)
+        return sock
+
+    def start(self, address: str, port: int, timeout: float, target: Any, st: Any) -> None:
+        family = _family(address)
+        pool = self.idle[family]
+        try:
+            sock = pool.pop() if pool else self._new_socket(family)
             # HAProxy's way for a connect-only check: with quick ACKs off, the
             # kernel holds the handshake's last ACK (it waits for data to carry it),
-            # and the close sends a reset instead: SYN, SYN-ACK, RST. The backend's
-            # kernel never completes the connection, so its application never
-            # accepts one and no FIN exchange follows: about half the packets.
+            # and the disconnect sends a reset instead: SYN, SYN-ACK, RST. The
+            # backend's kernel never completes the connection, so its application
+            # never accepts one and no FIN exchange follows: about half the packets.
+            # (A disconnect clears this mode: it is set for every check.)
             sock.setsockopt(_IPPROTO_TCP, _TCP_QUICKACK, 0)
         except OSError as exc:
             self.finish(target, st, False, os.strerror(exc.errno) if exc.errno else str(exc))
@@ -175,13 +216,33 @@ class TcpProbes:
         err = sock.connect_ex((address, port))
         if err == _EINPROGRESS or err == _EAGAIN:
             fd = sock.fileno()
-            self.epoll.register(fd, _OUT_ONESHOT)
+            if fd in self.registered:
+                self.epoll.modify(fd, _OUT_ONESHOT)
+            else:
+                self.epoll.register(fd, _OUT_ONESHOT)
+                self.registered.add(fd)
             self.pending[fd] = (sock, target, st, self.loop.time() + timeout, timeout)
             if self._sweeper is None:
                 self._sweeper = self.loop.call_later(self.SWEEP, self._sweep)
             return
-        sock.close()
-        self.finish(target, st, err == 0, None if err == 0 else os.strerror(err))
+        if err == 0:
+            self._release(sock)
+            self.finish(target, st, True, None)
+        else:
+            self._discard(sock)
+            self.finish(target, st, False, os.strerror(err))
+
+    def _release(self, sock: Any) -> None:
+        """Reset the connection and keep the socket, or close it."""
+        pool = self.idle[sock.family]
+        if self.disconnect is not None and len(pool) < self.IDLE_MAX and self.disconnect(sock.fileno(), _UNSPEC, 16) == 0:
+            pool.append(sock)
+        else:
+            self._discard(sock)
+
+    def _discard(self, sock: Any) -> None:
+        self.registered.discard(sock.fileno())
+        sock.close()  # also leaves the epoll: no EPOLL_CTL_DEL
 
     def _ready(self) -> None:
         pending, finish = self.pending, self.finish
@@ -192,18 +253,19 @@ class TcpProbes:
             sock = item[0]
             # A connect that failed reports EPOLLERR (and HUP); only then is the
             # error worth a getsockopt.
-            err = sock.getsockopt(_SOL_SOCKET, _SO_ERROR) if events & _FAILED else 0
-            sock.close()  # also leaves the epoll: no EPOLL_CTL_DEL
-            if err == 0:
-                finish(item[1], item[2], True, None)
+            if events & _FAILED:
+                err = sock.getsockopt(_SOL_SOCKET, _SO_ERROR)
+                self._discard(sock)
+                finish(item[1], item[2], False, os.strerror(err) if err else "connect failed")
             else:
-                finish(item[1], item[2], False, os.strerror(err) or "connect failed")
+                self._release(sock)
+                finish(item[1], item[2], True, None)
 
     def _sweep(self) -> None:
         now = self.loop.time()
         for fd in [fd for fd, item in self.pending.items() if item[3] <= now]:
             sock, target, st, _deadline, timeout = self.pending.pop(fd)
-            sock.close()
+            self._discard(sock)
             self.finish(target, st, False, "timeout after %gs" % timeout)
         self._sweeper = self.loop.call_later(self.SWEEP, self._sweep) if self.pending else None
 

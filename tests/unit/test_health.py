@@ -309,6 +309,49 @@ def test_watcher_tcp_down_and_up_on_loopback():
     assert not watcher.running
 
 
+def test_tcp_probes_keep_one_socket_and_never_complete_a_connection():
+    """A succeeded check's socket is reset (AF_UNSPEC) and reused: one socket for many
+    checks, and the listener's application never gets a connection (SYN, SYN-ACK,
+    RST). A failed check's socket is closed; the next check after it still works."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(64)
+    listener.setblocking(False)
+    port = listener.getsockname()[1]
+
+    async def checks(count):
+        results = []
+        done = asyncio.Event()
+
+        def finish(target, st, ok, error):
+            results.append((ok, error))
+            if len(results) == count:
+                done.set()
+            else:
+                probes.start("127.0.0.1", port, 1.0, target, st)
+
+        probes = health.TcpProbes(asyncio.get_running_loop(), finish)
+        try:
+            probes.start("127.0.0.1", port, 1.0, "target", None)
+            await asyncio.wait_for(done.wait(), 5)
+            return results, len(probes.idle[socket.AF_INET]), len(probes.registered)
+        finally:
+            probes.close()
+
+    try:
+        results, idle, registered = asyncio.run(checks(20))
+        assert results == [(True, None)] * 20
+        assert (idle, registered) == (1, 1)
+        with pytest.raises(BlockingIOError):
+            listener.accept()
+        listener.close()
+        results, idle, registered = asyncio.run(checks(2))
+        assert [ok for ok, _ in results] == [False, False] and "refused" in results[0][1].lower()
+        assert (idle, registered) == (0, 0)
+    finally:
+        listener.close()
+
+
 def _wait(cond, timeout=5.0):
     import time
     end = time.monotonic() + timeout

@@ -2,7 +2,8 @@
 
 Both offer the same interface, which masqd.service.Service uses:
   apply(txn, dry_run=False)  one atomic transaction; raises NftError(kernel message)
-  read_counters()            (rule counters {chain: [packets, ...]},
+  read_counters(direct_keys=None)
+                             (rule counters {chain: [packets, ...]},
                               element counters {map: {key text: packets}})
   read_elements(names)       {map: {key text: {"value": text, "expires": seconds}}} of
                              timed maps (the AUTOFW recipients the kernel expires)
@@ -206,17 +207,30 @@ class LibNftables:
                         table.shape[(kind, obj[kind]["name"])] = 0
         return table
 
-    def read_counters(self) -> Tuple[Dict[str, List[int]], Dict[str, Dict[str, int]]]:
+    def read_counters(self, direct_keys: Optional[Callable[[str], List[bytes]]] = None
+                      ) -> Tuple[Dict[str, List[int]], Dict[str, Dict[str, int]]]:
         """By netlink dump of the rules and of the direct PORTFW maps (nfnetlink: 5x
         less than libnftables' listing of the table at 100,000 keys); the listing when
-        the dump fails."""
+        the dump fails.
+
+        `direct_keys(map)`: the keys the map should hold (nfnetlink key bytes). Given,
+        a map's dump is taken once even if writes interrupt it (at 100,000 keys it
+        takes ~0.6 s, and writers commit every few ms: retried, it may never finish),
+        and the keys its interrupted walk missed are read one by one."""
         try:
             with nfnetlink.Dumper() as dumper:
                 rules = dumper.rule_counters(render.TABLE)
                 elements: Dict[str, Dict[str, int]] = {}
                 for name in DIRECT_MAPS:
-                    elements[name] = {nfnetlink.address_proto_port_text(key): packets
-                                      for key, packets in dumper.element_counters(render.TABLE, name)}
+                    if direct_keys is None:
+                        got = dict(dumper.element_counters(render.TABLE, name))
+                    else:
+                        got = dict(dumper.element_counters(render.TABLE, name, attempts=1, partial=True))
+                        if dumper.interrupted:
+                            got.update(dumper.element_packets(
+                                render.TABLE, name, [k for k in direct_keys(name) if k not in got]))
+                    text = nfnetlink.address_proto_port_text
+                    elements[name] = {text(key): packets for key, packets in got.items()}
             return rules, elements
         except (OSError, nfnetlink.DumpInterrupted):  # table gone (ENOENT) or no netlink
             return self._listed_counters()
@@ -390,7 +404,7 @@ class FakeNftables:
             return ""
         return render.dump(self.chains, self.maps, self.elements)
 
-    def read_counters(self):
+    def read_counters(self, direct_keys=None):
         return copy.deepcopy(self.rule_counters), copy.deepcopy(self.element_counters)
 
     def read_table(self):

@@ -15,7 +15,7 @@ import logging
 import threading
 import time
 
-from masqd import __version__, autofw_runtime, model, render
+from masqd import __version__, autofw_runtime, model, nfnetlink, render
 from masqd.model import TABLES, ValidationError
 from masqd.nft import NftError, shape_of
 from masqd.rp_filter import rp_filter_warnings
@@ -302,10 +302,11 @@ class Service:
     def _op_list(self, request):
         tables = TABLES if request.get("table") is None else (model.table_name(request["table"]),)
         counted = any(t in _BACKEND_TABLES or t == "marks" for t in tables)
-        counters = self.nft.read_counters() if counted else ({}, {})
+        counters = self.nft.read_counters(self._direct_keys) if counted else ({}, {})
         if "autofw" in tables:
             counters = counters + (self.nft.read_elements(self.autofw.map_names(self._tables["autofw"])),)
-        out = {t: [self._runtime(t, key, e, counters) for key, e in self._tables[t].items()] for t in tables}
+        out = {t: self._portfw_rows(counters) if t == "portfw" else
+               [self._runtime(t, key, e, counters) for key, e in self._tables[t].items()] for t in tables}
         if "marks" in out:
             # The classifier chain has one counted rule per marks rule, in table order
             # (render.marks_fragment); a chain that does not match (being repaired) gives none.
@@ -316,6 +317,33 @@ class Service:
         if request.get("table") is None:
             return False, {"tables": out}
         return False, {"entries": out[tables[0]]}
+
+    def _direct_keys(self, name):
+        """The nfnetlink keys of the PORTFW keys of one family (direct map `name`; keys
+        with several live backends are not in it, and are simply not found)."""
+        v6 = name.endswith("v6")
+        return [nfnetlink.address_proto_port_key(address, protocol, port)
+                for protocol, address, port in self._tables["portfw"] if (":" in address) == v6]
+
+    def _portfw_rows(self, counters):
+        """_runtime of every PORTFW key, with most keys' case written out: one
+        unchecked backend, nothing down (its direct map element's counter is the
+        connection count: backend_runtime's "single" case)."""
+        v4, v6 = (counters[1].get(name, {}) for name in ("portfw_direct_v4", "portfw_direct_v6"))
+        down = self._ruleset.down
+        rows = []
+        for key, entry in self._tables["portfw"].items():
+            backends = entry["backends"]
+            if len(backends) != 1 or "check" in backends[0] or ("portfw", key) in down:
+                rows.append(self._runtime("portfw", key, entry, counters))
+                continue
+            protocol, address, port = key
+            total = (v6 if ":" in address else v4).get("%s . %s . %d" % (address, protocol, port), 0)
+            pref = backends[0]["pref"]
+            row = dict(entry)
+            row["backends"] = [dict(backends[0], pcnt=pref - total % pref if pref else 0, connections=total, head=True)]
+            rows.append(row)
+        return rows
 
     def _runtime(self, table, key, entry, counters):
         entry = dict(entry)

@@ -11,6 +11,7 @@ linux/netlink.h; pyroute2's nftables module reads only the first message of an
 element dump (0.9.7), so it does not serve for large maps.
 """
 
+import itertools
 import os
 import socket
 import struct
@@ -188,10 +189,11 @@ class Dumper:
         return [string(attrs.get(NFTA_CHAIN_NAME)) or "" for attrs in self._of_table(
             NFT_MSG_GETCHAIN, NFTA_CHAIN_TABLE, table)]
 
-    def _of_table(self, msg_type: int, table_attr: int, table: str) -> Iterator[Dict[int, bytes]]:
+    def _of_table(self, msg_type: int, table_attr: int, table: str,
+                  extra: Optional[List[Tuple[int, bytes]]] = None) -> Iterator[Dict[int, bytes]]:
         """The attributes of each message of a dump asked for `table`, checked to be
         of it (a kernel that ignores the filter returns every table's)."""
-        for part in self.dump(msg_type, [(table_attr, table.encode() + b"\0")]):
+        for part in self.dump(msg_type, [(table_attr, table.encode() + b"\0")] + (extra or [])):
             attrs = attributes(part)
             if string(attrs.get(table_attr)) == table:
                 yield attrs
@@ -214,9 +216,11 @@ class Dumper:
                 out.append((OBJECT_KINDS[kind], string(attrs.get(NFTA_OBJ_NAME)) or ""))
         return out
 
-    def rules(self, table: str) -> Iterator[Tuple[str, Optional[int], str]]:
-        """(chain, packets of its counter or None, comment) of every rule, in order."""
-        for attrs in self._of_table(NFT_MSG_GETRULE, NFTA_RULE_TABLE, table):
+    def rules(self, table: str, chain: Optional[str] = None) -> Iterator[Tuple[str, Optional[int], str]]:
+        """(chain, packets of its counter or None, comment) of every rule (of `chain`
+        only, if given), in order."""
+        extra = [] if chain is None else [(NFTA_RULE_CHAIN, chain.encode() + b"\0")]
+        for attrs in self._of_table(NFT_MSG_GETRULE, NFTA_RULE_TABLE, table, extra):
             yield (string(attrs.get(NFTA_RULE_CHAIN)) or "",
                    counter_packets(attrs.get(NFTA_RULE_EXPRESSIONS, b"")), rule_comment(attrs))
 
@@ -227,10 +231,21 @@ class Dumper:
             count += len(attribute_list(attributes(part).get(NFTA_SET_ELEM_LIST_ELEMENTS, b"")))
         return count
 
-    def rule_counters(self, table: str) -> Dict[str, List[int]]:
-        """{chain: [packets of each rule that has a counter, in order]} of `inet table`."""
+    def rule_counters(self, table: str, chains: Optional[List[str]] = None) -> Dict[str, List[int]]:
+        """{chain: [packets of each rule that has a counter, in order]} of `inet table`:
+        one dump of every rule, or with `chains`, one small dump per chain (each taken
+        again on its own when writes interrupt it; a chain that is gone is left out)."""
         out: Dict[str, List[int]] = {}
-        for chain, packets, _comment in self.rules(table):
+        if chains is None:
+            found = self.rules(table)
+        else:
+            found = iter(())
+            for name in chains:
+                try:
+                    found = itertools.chain(found, list(self.rules(table, name)))
+                except FileNotFoundError:
+                    continue
+        for chain, packets, _comment in found:
             if packets is not None:
                 out.setdefault(chain, []).append(packets)
         return out

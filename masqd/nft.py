@@ -2,7 +2,7 @@
 
 Both offer the same interface, which masqd.service.Service uses:
   apply(txn, dry_run=False)  one atomic transaction; raises NftError(kernel message)
-  read_counters(direct_keys=None)
+  read_counters(direct_keys=None, counted_chains=None)
                              (rule counters {chain: [packets, ...]},
                               element counters {map: {key text: packets}})
   read_elements(names)       {map: {key text: {"value": text, "expires": seconds}}} of
@@ -72,11 +72,15 @@ class LibNftables:
         self._ctx = self._nft._Nftables__ctx  # pip-nftables does not wrap dry run
         self._malloc_trim = _malloc_trim()
 
-    def apply(self, txn: render.Transaction, dry_run: bool = False) -> None:
+    def apply(self, txn: render.Transaction, dry_run: bool = False, alongside: Any = None) -> None:
+        """One transaction. `alongside.start()` is called just before libnftables
+        runs it (without the GIL: work started then overlaps the kernel's)."""
         if not txn:
             return
         text = txn.to_text()
         self._set_dry_run(self._ctx, bool(dry_run))
+        if alongside is not None:
+            alongside.start()
         try:
             rc, _out, err = self._nft.cmd(text)
         finally:
@@ -207,19 +211,27 @@ class LibNftables:
                         table.shape[(kind, obj[kind]["name"])] = 0
         return table
 
-    def read_counters(self, direct_keys: Optional[Callable[[str], List[bytes]]] = None
+    def read_counters(self, direct_keys: Optional[Callable[[str], List[bytes]]] = None,
+                      counted_chains: Optional[Callable[[], List[str]]] = None,
                       ) -> Tuple[Dict[str, List[int]], Dict[str, Dict[str, int]]]:
         """By netlink dump of the rules and of the direct PORTFW maps (nfnetlink: 5x
         less than libnftables' listing of the table at 100,000 keys); the listing when
-        the dump fails.
+        the dumps fail.
 
-        `direct_keys(map)`: the keys the map should hold (nfnetlink key bytes). Given,
-        a map's dump is taken once even if writes interrupt it (at 100,000 keys it
-        takes ~0.6 s, and writers commit every few ms: retried, it may never finish),
-        and the keys its interrupted walk missed are read one by one."""
+        Writers commit every few ms, and a reader that shares the GIL with them takes
+        longer than that to walk a big dump: retried, it may never finish. Given
+        `direct_keys(map)` (the keys the map should hold, nfnetlink bytes), a map's dump
+        is taken once, and the keys its interrupted walk missed are read one by one.
+        Given `counted_chains()` (the chains whose counters matter), rules whose dump
+        stays interrupted are read chain by chain."""
         try:
             with nfnetlink.Dumper() as dumper:
-                rules = dumper.rule_counters(render.TABLE)
+                try:
+                    rules = dumper.rule_counters(render.TABLE)
+                except nfnetlink.DumpInterrupted:
+                    if counted_chains is None:
+                        raise
+                    rules = dumper.rule_counters(render.TABLE, counted_chains())
                 elements: Dict[str, Dict[str, int]] = {}
                 for name in DIRECT_MAPS:
                     if direct_keys is None:
@@ -309,9 +321,11 @@ class FakeNftables:
         self.expiry = {}  # (map, key) -> clock time: elements added with "KEY timeout Ns"
         self.timeouts = {}  # (map, key) -> N of that "timeout Ns"
 
-    def apply(self, txn, dry_run=False):
+    def apply(self, txn, dry_run=False, alongside=None):
         if not txn:
             return
+        if alongside is not None:
+            alongside.start()  # as LibNftables: the kernel's part runs beside it
         self.transactions.append((txn, dry_run))
         state = copy.deepcopy((self.exists, self.chains, self.maps, self.elements))
         for op in txn.ops:
@@ -404,7 +418,7 @@ class FakeNftables:
             return ""
         return render.dump(self.chains, self.maps, self.elements)
 
-    def read_counters(self, direct_keys=None):
+    def read_counters(self, direct_keys=None, counted_chains=None):
         return copy.deepcopy(self.rule_counters), copy.deepcopy(self.element_counters)
 
     def read_table(self):

@@ -498,7 +498,10 @@ def portfw_items(entry, phase=0, down=None):
     laddr, proto = entry["local_address"], entry["protocol"]
     suffix = "v6" if ":" in laddr else "v4"
     elem_key = "%s . %s . %d" % (laddr, proto, entry["local_port"])
-    backends = live_backends(entry, entry["backends"], down)
+    backends = entry["backends"]
+    if len(backends) == 1 and not down:  # most keys: one element, no chain
+        return ("portfw_direct_" + suffix, elem_key, "%s . %d" % (backends[0]["address"], backends[0]["port"]), None)
+    backends = live_backends(entry, backends, down)
     name = portfw_chain_name((proto, laddr, entry["local_port"]))
     if not backends:
         return ("portfw_" + suffix, elem_key, "goto " + name, Chain(name, None, reject_rules(proto)))

@@ -549,6 +549,12 @@ class Store:
         self.journal_records += 1
 
     def save(self, doc: Doc) -> None:
+        self.install(self.prepare(doc))
+
+    def prepare(self, doc: Doc) -> str:
+        """The first half of `save`: the snapshot encoded, written and synced to a
+        temporary file, whose path is returned; `install` makes it the state, `discard`
+        drops it. (The Service prepares while the kernel commits.)"""
         self._ready_dir()
         doc = dict(doc, format=FORMAT)
         tmp = "%s.tmp.%d" % (self.path, os.getpid())
@@ -559,12 +565,16 @@ class Store:
                 f.write(json.dumps(doc, separators=(",", ":")) + "\n")
                 f.flush()
                 os.fsync(f.fileno())
+        except BaseException:
+            self.discard(tmp)
+            raise
+        return tmp
+
+    def install(self, tmp: str) -> None:
+        try:
             os.rename(tmp, self.path)
         except BaseException:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
+            self.discard(tmp)
             raise
         self._fsync_dir()
         # The snapshot holds everything the journal held (records <= its revision).
@@ -575,6 +585,13 @@ class Store:
             pass
         self.journal_records = 0
         self._journal_end = 0
+
+    @staticmethod
+    def discard(tmp: str) -> None:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
 
     def _fsync_dir(self) -> None:
         dfd = os.open(self.state_dir, os.O_RDONLY | os.O_DIRECTORY)

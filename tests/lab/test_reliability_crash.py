@@ -348,12 +348,12 @@ class Refusing(LibNftables):
     '''The real kernel, with a fault injected into the apply step when armed: every
     transaction also jumps to a base chain, which the kernel refuses (EOPNOTSUPP).'''
     armed = False
-    def apply(self, txn, dry_run=False):
+    def apply(self, txn, dry_run=False, alongside=None):
         if self.armed:
             txn = render.Transaction(txn.ops + [
                 render.Op("add", "chain", "loop", render.Chain("loop", None, ())),
                 render.Op("add", "rule", "loop", "jump prerouting")])
-        return super().apply(txn, dry_run)
+        return super().apply(txn, dry_run, alongside)
 
 def files(d):
     return {n: open(os.path.join(d, n), "rb").read().hex() for n in sorted(os.listdir(d))}

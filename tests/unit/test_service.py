@@ -164,6 +164,33 @@ def test_persist_failure_rolls_kernel_back(svc, monkeypatch):
     assert snapshot(svc)[:3] == before
 
 
+def test_snapshot_written_beside_the_kernel_call(svc, monkeypatch):
+    """A `set` (a snapshot) is encoded and written while the kernel commits: a failed
+    write rolls the kernel back; a refused kernel leaves no temporary file behind."""
+    ok(svc, op="set", table="portfw", entries=[WEB])
+    before = snapshot(svc)[:3]
+
+    def fail(doc):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(svc.store, "prepare", fail)
+    resp = svc.handle({"op": "set", "table": "portfw", "entries": [dict(WEB, local_port=81)]})
+    assert resp["ok"] is False and resp["error"]["field"] == "state_dir"
+    assert snapshot(svc)[:3] == before
+    monkeypatch.undo()
+
+    prepared = []
+    real_prepare = svc.store.prepare
+    monkeypatch.setattr(svc.store, "prepare", lambda doc: prepared.append(real_prepare(doc)) or prepared[-1])
+    svc.nft.reject = lambda op: "Error: Could not process rule: Operation not supported"
+    resp = svc.handle({"op": "set", "table": "portfw", "entries": [dict(WEB, local_port=82)]})
+    assert resp["ok"] is False and prepared and not any(os.path.exists(p) for p in prepared)
+    assert snapshot(svc)[:3] == before
+    svc.nft.reject = None
+    ok(svc, op="set", table="portfw", entries=[dict(WEB, local_port=83)])
+    assert len(prepared) == 2 and not os.path.exists(prepared[-1])  # installed: renamed
+    assert [e["local_port"] for e in ok(svc, op="get", table="portfw")["result"]["entries"]] == [83]
+
+
 def test_restart_reconciles(tmp_path):
     fake = FakeNftables()
     first = Service(str(tmp_path), nft=fake)

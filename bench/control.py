@@ -15,7 +15,10 @@
 
 import json
 import os
+import signal
+import subprocess
 import threading
+import time
 
 from bench import common
 from bench.common import GATEWAY_OUT, REPO, SERVER, log, median
@@ -87,6 +90,7 @@ def run(quick=False, keys=100000):
         "daemon_rss_after_ops_mib": rss_after / 1024,
         "socket_flush_s": flush_s,
         "socket_list_s": listing["list_s"],
+        "socket_list_during_adds_s": listing["list_during_adds_s"],
         "add_one_during_list_median_ms": median(listing["add_s"]) * 1e3 if listing["add_s"] else None,
         "adds_during_list": len(listing["add_s"]),
         "socket_set_5000_s": set5k_s,
@@ -96,6 +100,8 @@ def run(quick=False, keys=100000):
         "nft_f_median_s": reference["nft_f_median_s"],
         "socket_set_x_nft_f": reference["socket_set_median_s"] / reference["nft_f_median_s"],
         "daemon_start_x_nft_f": start_s / reference["nft_f_median_s"],
+        "socket_set_peak_rss_mib": reference["set_peak_rss_mib"],
+        "rss_after_socket_set_mib": reference["rss_after_set_mib"],
     }
     targets = {
         "apply %d keys from empty < 3 s" % keys: summary["apply_full_table_s"] < 3,
@@ -109,20 +115,23 @@ def run(quick=False, keys=100000):
         "list of %d keys <= 1 s" % keys: listing["list_s"] <= 1.0,
         "one-key add while a list runs, median <= 25 ms": bool(listing["add_s"])
             and median(listing["add_s"]) * 1e3 <= 25,
-        "RSS at %d keys <= 150 MiB" % keys: max(rss, rss_after) / 1024 <= 150,
+        "RSS at %d keys <= 150 MiB (after start and single-key ops)" % keys: max(rss, rss_after) / 1024 <= 150,
+        "RSS at %d keys <= 150 MiB after a socket set" % keys: summary["rss_after_socket_set_mib"] <= 150,
+        "peak RSS during a socket set of %d keys <= 300 MiB" % keys: summary["socket_set_peak_rss_mib"] <= 300,
     }
     return {"method": {"keys": keys, "repeats": repeats, "one_key_ops": one_ops, "statistic": "median",
                        "profile": os.path.relpath(profile, REPO)},
             "raw": {"in_process": inproc, "socket_add_s": add, "socket_delete_s": delete,
-                    "socket_list_s": listing["list_s"], "add_during_list_s": listing["add_s"],
+                    "socket_list_s": listing["list_s"],
+        "socket_list_during_adds_s": listing["list_during_adds_s"], "add_during_list_s": listing["add_s"],
                     "socket_set_s": reference["socket_set_s"], "nft_f_s": reference["nft_f_s"]},
             "summary": summary, "targets": targets}
 
 
 def _list_while_writing(agent, limit=500):
     """Time a socket `list` of the whole PORTFW table, as a client sees it (the reply
-    decoded); meanwhile add and delete one key at a time from a second connection and
-    time the adds that finished while the list was still being served."""
+    decoded): alone, then again while a second connection adds and deletes one key at a
+    time (the adds that finished while the list was still being served are timed)."""
     listed = {}
 
     def long_list():
@@ -131,6 +140,10 @@ def _list_while_writing(agent, limit=500):
             listed["entries"] = len(c.request("list", table="portfw")["result"]["entries"])
             listed["s"] = common.now() - t0
 
+    with agent.client() as c:  # alone first
+        t0 = common.now()
+        c.request("list", table="portfw")
+        alone = common.now() - t0
     reader = threading.Thread(target=long_list)
     adds = []
     with agent.client() as c:
@@ -146,9 +159,9 @@ def _list_while_writing(agent, limit=500):
                 break
             adds.append(took)
         reader.join(600)
-    log("control: list of %d keys %.2f s; %d adds meanwhile, median %.1f ms", listed.get("entries", -1),
-        listed.get("s", -1), len(adds), median(adds) * 1e3 if adds else -1)
-    return {"list_s": listed["s"], "add_s": adds}
+    log("control: list of %d keys %.2f s alone, %.2f s with %d adds meanwhile (median %.1f ms)",
+        listed.get("entries", -1), alone, listed.get("s", -1), len(adds), median(adds) * 1e3 if adds else -1)
+    return {"list_s": alone, "list_during_adds_s": listed["s"], "add_s": adds}
 
 
 def _against_nft_f(lab, agent, work, keys, repeats):
@@ -158,13 +171,17 @@ def _against_nft_f(lab, agent, work, keys, repeats):
     into another namespace of the lab that has no agent; alternated, `repeats` times."""
     ruleset = os.path.join(work, "masqd-table.nft")
     entries = portfw_entries(keys)
-    socket_set, nft_f = [], []
+    socket_set, nft_f, peak_kib, after_kib = [], [], [], []
     with agent.client() as c:
         for _round in range(repeats):
             c.request("flush", table="portfw")
+            with open("/proc/%d/clear_refs" % agent.proc.pid, "w") as f:
+                f.write("5")  # resets the peak RSS (VmHWM) to the current RSS
             t0 = common.now()
             c.request("set", table="portfw", entries=entries, echo=False)  # as the single-table masq_* modules send it
             socket_set.append(common.now() - t0)
+            peak_kib.append(_status_kib(agent.proc.pid, "VmHWM"))
+            after_kib.append(_status_kib(agent.proc.pid, "VmRSS"))
             if not nft_f:  # the table as the agent programmed it, once
                 listing = lab.run("gateway", ["nft", "-s", "list", "table", "inet", "masqd"], timeout=300,
                                   check=True)
@@ -174,8 +191,40 @@ def _against_nft_f(lab, agent, work, keys, repeats):
             lab.run("client", ["nft", "-f", ruleset], timeout=300, check=True)
             nft_f.append(common.now() - t0)
             lab.run("client", ["nft", "delete", "table", "inet", "masqd"], timeout=300, check=True)
+        _profiled_set(agent, c, entries, os.path.join(PROFILES, "pyspy_socket_set_%d.txt" % keys))
     return {"socket_set_s": socket_set, "nft_f_s": nft_f,
-            "socket_set_median_s": median(socket_set), "nft_f_median_s": median(nft_f)}
+            "socket_set_median_s": median(socket_set), "nft_f_median_s": median(nft_f),
+            "set_peak_rss_mib": max(peak_kib) / 1024, "rss_after_set_mib": after_kib[-1] / 1024}
+
+
+def _profiled_set(agent, client, entries, out):
+    """One more socket `set` from empty under py-spy (the agent's threads, samples taken
+    while a thread holds the GIL; collapsed stacks), untimed. Skipped without py-spy."""
+    spy_bin = os.path.join(common.VENV_BIN, "py-spy")
+    if not os.path.exists(spy_bin):
+        return
+    client.request("flush", table="portfw")
+    spy = subprocess.Popen([spy_bin, "record", "-r", "250", "-f", "raw", "--threads", "--gil", "-o", out,
+                            "-p", str(agent.proc.pid)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(1.0)  # attached
+        client.request("set", table="portfw", entries=entries, echo=False)
+        time.sleep(0.3)
+    finally:
+        spy.send_signal(signal.SIGINT)  # py-spy writes its file on SIGINT
+        try:
+            spy.wait(60)
+        except subprocess.TimeoutExpired:
+            spy.kill()
+            spy.wait(5)
+
+
+def _status_kib(pid, field):
+    with open("/proc/%d/status" % pid) as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError("no %s in /proc/%d/status" % (field, pid))
 
 
 def _lab():

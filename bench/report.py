@@ -14,6 +14,30 @@ PLOTS = os.path.join(RESULTS, "plots")
 
 # What a missed target means and what would close the gap (keyed by target prefix).
 GAPS = {
+    "socket set of": (
+        "What is left beside the libnftables transaction (as long as `nft -f` itself) is "
+        "Python: the request's JSON parse and depth check, validation, render + diff (py-spy "
+        "profile of this run: `bench/results/profiles/pyspy_socket_set_100000.txt`; "
+        "`..._before.txt` is the same set before the snapshot moved beside the kernel call, "
+        "2026-12-06). The snapshot is already written beside the kernel call."),
+    "start with": (
+        "A start loads the state file, validates it and loads the table in one transaction "
+        "(the `nft -f` part); see the set's profile for the Python part."),
+    "list of": (
+        "The kernel's dump of a 100,000-element map restarts its walk for every 32 KiB "
+        "message (~0.5 s), and every entry is built and encoded as JSON (~1 s in Python). "
+        "Writers are not blocked by it (the next row)."),
+    "RSS at": (
+        "After a whole-table socket `set` the agent's RSS stays above the size of the loaded "
+        "table: the request's parsed objects leave Python's allocator fragmented."),
+    "peak RSS during": (
+        "The request's parsed objects, the canonical entries and libnftables' parse of the "
+        "transaction (~250 MB at 100,000 elements, trimmed after) are alive at once."),
+    "one two-backend key add/delete": (
+        "See the multi-backend section: on libnftables 1.0.6 (Debian 12) the cache fill before "
+        "every element command reads every chain; on Debian 13's 1.1 the add is the kernel's "
+        "table validation, which grows with the multi-backend keys of the table (sharding "
+        "them over several tables would bound it; not done)."),
     "throughput_portfw_vs_socat": (
         "PORTFW itself runs at the routing ceiling (see the routing ratio); the ratio to socat "
         "is bounded by routing/socat on this machine. socat here moves ~3 Gbit/s (splice-less "
@@ -132,8 +156,7 @@ def plot_lines(name, series, xlabel, ylabel, title, logx=False, logy=False):
 
 def targets_section(docs):
     rows, misses = [], []
-    for bench in ("dataplane", "scale", "control", "ansible", "failover", "drift", "fleet_lab", "ha", "metrics",
-                  "health"):
+    for bench, _section in _sections():
         doc = docs.get(bench)
         if not doc:
             continue
@@ -230,7 +253,8 @@ def control_section(doc):
             ("agent RSS with the keys loaded / after the single-key ops",
              "%s / %s MiB" % (f(s["daemon_rss_mib"], "%.0f"), f(s["daemon_rss_after_ops_mib"], "%.0f"))),
             ("flush the table via socket", f(s["socket_flush_s"]) + " s"),
-            ("list the whole table via socket (runtime counters, reply decoded)", f(s.get("socket_list_s")) + " s"),
+            ("list the whole table via socket (runtime counters, reply decoded): alone / while keys are added",
+             "%s / %s s" % (f(s.get("socket_list_s")), f(s.get("socket_list_during_adds_s")))),
             ("add one key via socket while that list runs (median, count)",
              "%s ms (%s adds)" % (f(s.get("add_one_during_list_median_ms"), "%.1f"), s.get("adds_during_list", "–"))),
             ("set 5,000 keys via socket (%d bytes)" % s["socket_set_5000_request_bytes"],
@@ -242,7 +266,9 @@ def control_section(doc):
                  ("set of the whole table via socket (`echo: false`, as the single-table masq_* modules send it), "
                   "from empty (median) / as a multiple of `nft -f`",
                   "%s s / %sx" % (f(s["socket_set_median_s"]), f(s["socket_set_x_nft_f"], "%.2f"))),
-                 ("daemon start as a multiple of `nft -f`", f(s["daemon_start_x_nft_f"], "%.2f") + "x")]
+                 ("daemon start as a multiple of `nft -f`", f(s["daemon_start_x_nft_f"], "%.2f") + "x"),
+                 ("agent RSS: peak during that set / after it",
+                  "%s / %s MiB" % (f(s.get("socket_set_peak_rss_mib"), "%.0f"), f(s.get("rss_after_socket_set_mib"), "%.0f")))]
     return ("## 4. Control plane at %d keys\n\n%s\n\n" % (doc["method"]["keys"], _method(doc))
             + table(["measure", "value"], rows)
             + "\nProfile of the full apply: `%s`. Memory: the agent holds each PORTFW key once, as "
@@ -419,6 +445,22 @@ def metrics_section(doc):
               "docs/metrics.md explains the cache and why a reading does not finish under steady writes.\n\n")
 
 
+def multi_backend_section(doc):
+    rows = [("%s (nft %s)" % (r["where"], r["nft"]), "{:,}".format(r["keys"]),
+             "%s / %s" % (f(r["add_ms"], "%.1f"), f(r["delete_ms"], "%.1f")),
+             "%s / %s" % (f(r["single_add_ms"], "%.1f"), f(r["single_delete_ms"], "%.1f")))
+            for r in doc["summary"]["rows"]]
+    return ("## Multi-backend keys: one-key changes, this machine's libnftables vs Debian 13's\n\n%s\n\n"
+            % _method(doc)
+            + table(["agent on", "two-backend keys loaded", "add / delete one two-backend key, ms",
+                     "add / delete one one-backend key, ms"], rows)
+            + "\nThe same agent and requests; `debian13` runs it with `chroot` in an overlay of the cached "
+              "Debian 13 root. libnftables 1.0.6 fills its cache with every chain of the namespace "
+              "before each element command (every change pays for every multi-backend key's chain); "
+              "1.1 does not, and what is left of a two-backend add is the kernel validating the table "
+              "when a `goto` element is added (docs/architecture.md, Known limits).\n\n")
+
+
 def _method(doc):
     m = doc.get("method", {})
     # Sections come from separate runs: each says when it was measured.
@@ -437,6 +479,14 @@ def machine_section(docs):
                                    "; ".join("%s %s" % (k, val) for k, val in v.items() if val)))
 
 
+def _sections():
+    """(benchmark, its section) in the report's order."""
+    return (("dataplane", dataplane_section), ("scale", scale_section), ("control", control_section),
+            ("multi_backend", multi_backend_section), ("ansible", ansible_section), ("failover", failover_section),
+            ("drift", drift_section), ("fleet_lab", fleet_lab_section), ("ha", ha_section),
+            ("metrics", metrics_section), ("health", health_section))
+
+
 def main():
     """Write bench/REPORT.md and the plots from whatever results exist."""
     docs = load()
@@ -452,11 +502,7 @@ def main():
         parts.append(machine_section(docs))
         parts.append(targets_section(docs))
         sections = []
-        for name, fn in (("dataplane", dataplane_section), ("scale", scale_section), ("control", control_section),
-                         ("ansible", ansible_section), ("failover", failover_section),
-                         ("drift", drift_section), ("fleet_lab", fleet_lab_section), ("ha", ha_section),
-                         ("metrics", metrics_section), ("health", health_section)):
-            sections.append(fn(docs[name]) if name in docs else "## %s\n\nNot run yet.\n\n" % name)
+        for name, fn in _sections():            sections.append(fn(docs[name]) if name in docs else "## %s\n\nNot run yet.\n\n" % name)
         # Numbered in the order they are shown, whatever number a section's own text had.
         parts += [re.sub(r"^## (?:[0-9–]+\. )?", "## %d. " % number, text, count=1)
                   for number, text in enumerate(sections, 1)]

@@ -1,6 +1,6 @@
 """Runs the benchmark suite, writes bench/results/<name>.json, regenerates REPORT.md.
 
-    python -m bench.run [--quick] [--only dataplane,scale,control,ansible,failover,drift,ha,metrics] [--report]
+    python -m bench.run [--quick] [--only dataplane,scale,control,multi_backend,ansible,failover,drift,ha,metrics] [--report]
 
 (scripts/bench.sh installs the tools first and calls this.)
 """
@@ -12,8 +12,8 @@ import traceback
 
 from bench import common
 
-BENCHMARKS = ("dataplane", "scale", "control", "ansible", "failover", "drift", "fleet_lab", "ha", "metrics",
-              "health")
+BENCHMARKS = ("dataplane", "scale", "control", "multi_backend", "ansible", "failover", "drift", "fleet_lab", "ha",
+              "metrics", "health")
 
 
 def _module(name):
@@ -23,8 +23,8 @@ def _module(name):
     if name == "health":  # docs/health.md: failover/recovery vs HAProxy, cost of 1,000 checks
         from bench import health
         return health
-    from bench import ansible_bench, control, dataplane, drift, failover, fleet_lab, ha, scale
-    return {"dataplane": dataplane, "scale": scale, "control": control,
+    from bench import ansible_bench, control, dataplane, drift, failover, fleet_lab, ha, multi_backend, scale
+    return {"dataplane": dataplane, "scale": scale, "control": control, "multi_backend": multi_backend,
             "ansible": ansible_bench, "failover": failover, "drift": drift, "fleet_lab": fleet_lab,
             "ha": ha}[name]
 

@@ -523,7 +523,9 @@ class Service:
                 return changed, {"counts": {t: len(e) for t, e in news.items()}}
             return changed, {"tables": {t: list(e.values()) for t, e in news.items()}}
         table = self._table(request)
-        new = model.normalize_table(table, request.get("entries"), "entries")
+        # The request's raw entries are dropped as they are validated (consume): at
+        # 100,000 keys they and the canonical entries would otherwise be alive together.
+        new = model.normalize_table(table, request.get("entries"), "entries", consume=True)
         changed = self._replace(table, new)
         return changed, {"entries": list(new.values())} if echo else {"count": len(new)}
 
@@ -532,7 +534,7 @@ class Service:
             news = self._tables_arg(request)
         else:
             table = self._table(request)
-            news = {table: model.normalize_table(table, request.get("entries"), "entries")}
+            news = {table: model.normalize_table(table, request.get("entries"), "entries", consume=True)}
         changes, heads = self._changes_for_replace(news)
         new_rs, fids = self._render_changes(changes, heads)
         txn = render.diff(self._ruleset, new_rs, fids)
@@ -560,7 +562,7 @@ class Service:
         news = {}
         for name, entries in raw.items():
             table = model.table_name(name, "tables")
-            news[table] = model.normalize_table(table, entries, "tables.%s" % table)
+            news[table] = model.normalize_table(table, entries, "tables.%s" % table, consume=True)
         return news
 
     def _op_schedule(self, request):

@@ -122,8 +122,8 @@ def run(quick=False, keys=100000):
     return {"method": {"keys": keys, "repeats": repeats, "one_key_ops": one_ops, "statistic": "median",
                        "profile": os.path.relpath(profile, REPO)},
             "raw": {"in_process": inproc, "socket_add_s": add, "socket_delete_s": delete,
-                    "socket_list_s": listing["list_s"],
-        "socket_list_during_adds_s": listing["list_during_adds_s"], "add_during_list_s": listing["add_s"],
+                    "socket_list_s": listing["list_s"], "socket_list_during_adds_s": listing["list_during_adds_s"],
+                    "add_during_list_s": listing["add_s"],
                     "socket_set_s": reference["socket_set_s"], "nft_f_s": reference["nft_f_s"]},
             "summary": summary, "targets": targets}
 

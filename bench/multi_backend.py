@@ -78,9 +78,9 @@ def _measure(lab, work, overlay, n):
     store.save({"revision": 1, "tables": {"portfw": keys(n)}, "mfw_heads": {}})
     sock = os.path.join(base, "masqd-%d.sock" % n)
     if overlay:  # paths as the agent in the chroot sees them
-        inside = lambda p: "/" + os.path.relpath(p, overlay)  # noqa: E731
         argv = ["chroot", overlay, "env", "PYTHONPATH=/opt/masqd", "python3", "-m", "masqd.daemon",
-                "--state-dir", inside(state), "--socket", inside(sock), "--log-level", "warning"]
+                "--state-dir", "/" + os.path.relpath(state, overlay), "--socket", "/" + os.path.relpath(sock, overlay),
+                "--log-level", "warning"]
     else:
         argv = [os.path.join(common.VENV_BIN, "masqd"), "--state-dir", state, "--socket", sock,
                 "--log-level", "warning"]

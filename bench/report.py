@@ -502,7 +502,8 @@ def main():
         parts.append(machine_section(docs))
         parts.append(targets_section(docs))
         sections = []
-        for name, fn in _sections():            sections.append(fn(docs[name]) if name in docs else "## %s\n\nNot run yet.\n\n" % name)
+        for name, fn in _sections():
+            sections.append(fn(docs[name]) if name in docs else "## %s\n\nNot run yet.\n\n" % name)
         # Numbered in the order they are shown, whatever number a section's own text had.
         parts += [re.sub(r"^## (?:[0-9–]+\. )?", "## %d. " % number, text, count=1)
                   for number, text in enumerate(sections, 1)]

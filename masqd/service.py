@@ -14,6 +14,7 @@ import queue
 import logging
 import threading
 import time
+from typing import Any, Callable, Optional
 
 from masqd import __version__, autofw_runtime, model, nfnetlink, render
 from masqd.model import TABLES, ValidationError
@@ -40,10 +41,11 @@ class Alongside:
     """One call run in a thread of its own from `start()` (or in the caller's, if its
     result is asked for first): work that overlaps a long call without the GIL."""
 
-    def __init__(self, fn, *args) -> None:
+    def __init__(self, fn: Callable[..., Any], *args: Any) -> None:
         self._fn, self._args = fn, args
-        self._thread = None
-        self._value, self._error = None, None
+        self._thread: Optional[threading.Thread] = None
+        self._value: Any = None
+        self._error: Optional[BaseException] = None
         self._done = False
 
     def start(self) -> None:
@@ -58,7 +60,7 @@ class Alongside:
             self._error = exc
         self._done = True
 
-    def result(self):
+    def result(self) -> Any:
         if self._thread is not None:
             self._thread.join()
         elif not self._done:
@@ -67,7 +69,7 @@ class Alongside:
             raise self._error
         return self._value
 
-    def cancel(self, undo) -> None:
+    def cancel(self, undo: Callable[[Any], None]) -> None:
         """Wait for a started call and `undo(its value)`; a call not started never runs."""
         if self._thread is None:
             self._done = True

@@ -346,7 +346,7 @@ def test_tcp_probes_keep_one_socket_and_never_complete_a_connection():
             listener.accept()
         listener.close()
         results, idle, registered = asyncio.run(checks(2))
-        assert [ok for ok, _ in results] == [False, False] and "refused" in results[0][1].lower()
+        assert [ok for ok, _error in results] == [False, False] and "refused" in results[0][1].lower()
         assert (idle, registered) == (0, 0)
     finally:
         listener.close()

@@ -11,7 +11,6 @@ linux/netlink.h; pyroute2's nftables module reads only the first message of an
 element dump (0.9.7), so it does not serve for large maps.
 """
 
-import itertools
 import os
 import socket
 import struct
@@ -237,12 +236,12 @@ class Dumper:
         again on its own when writes interrupt it; a chain that is gone is left out)."""
         out: Dict[str, List[int]] = {}
         if chains is None:
-            found = self.rules(table)
+            found = list(self.rules(table))
         else:
-            found = iter(())
+            found = []
             for name in chains:
                 try:
-                    found = itertools.chain(found, list(self.rules(table, name)))
+                    found.extend(self.rules(table, name))
                 except FileNotFoundError:
                     continue
         for chain, packets, _comment in found:

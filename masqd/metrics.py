@@ -120,12 +120,12 @@ class InstrumentedService:
         self._changes = changes
         self._clock = clock
 
-    def handle(self, request: Any) -> Any:
+    def handle(self, request: Any, owned: bool = False) -> Any:
         op = request.get("op") if isinstance(request, dict) else None
         if op not in WRITE_OPS:
-            return self._service.handle(request)
+            return self._service.handle(request, owned)
         started = self._clock()
-        response = self._service.handle(request)
+        response = self._service.handle(request, owned)
         self._changes.record(op, response, self._clock() - started)
         return response
 

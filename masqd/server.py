@@ -444,7 +444,7 @@ class Server:
         if error:
             return error
         try:
-            response = self.service.handle(request)
+            response = self.service.handle(request, owned=True)  # parsed here, used by nobody else
         except Exception:  # the Service must not raise; a bug must not kill the agent
             log.exception("internal error handling op %r", request.get("op"))
             return error_envelope(None, None, "internal error in masqd (see its log)")

@@ -85,6 +85,7 @@ class Service:
         self.nft = nft
         self.socket_path = None  # set by the daemon, reported by `status`
         self._lock = threading.RLock()
+        self._consume = False  # the request being handled is the Service's to consume
         self._tables = {t: {} for t in TABLES}
         self._mfw_heads = {}
         self._revision = 0
@@ -273,7 +274,10 @@ class Service:
 
     # --- request dispatch ---------------------------------------------------------------
 
-    def handle(self, request):
+    def handle(self, request, owned=False):
+        """The response envelope of one request. `owned`: the caller hands the request
+        over (the server, which parsed it), so a set may drop its raw entries as it
+        validates them; otherwise the caller's objects are left as they were."""
         try:
             if isinstance(request, dict) and request.get("op") in _READ_OPS:
                 # Reads run on a snapshot, off the lock, with a kernel handle of their
@@ -289,7 +293,11 @@ class Service:
                     return view._handle(request)
             with self._lock, gc_paused():
                 self._need_started(request)
-                return self._handle(request)
+                self._consume = owned
+                try:
+                    return self._handle(request)
+                finally:
+                    self._consume = False
         except ValidationError as exc:
             return {"ok": False, "error": exc.to_dict()}
         except KernelRejected as exc:
@@ -525,9 +533,9 @@ class Service:
                 return changed, {"counts": {t: len(e) for t, e in news.items()}}
             return changed, {"tables": {t: list(e.values()) for t, e in news.items()}}
         table = self._table(request)
-        # The request's raw entries are dropped as they are validated (consume): at
-        # 100,000 keys they and the canonical entries would otherwise be alive together.
-        new = model.normalize_table(table, request.get("entries"), "entries", consume=True)
+        # An owned request's raw entries are dropped as they are validated: at 100,000
+        # keys they and the canonical entries would otherwise be alive together.
+        new = model.normalize_table(table, request.get("entries"), "entries", consume=self._consume)
         changed = self._replace(table, new)
         return changed, {"entries": list(new.values())} if echo else {"count": len(new)}
 
@@ -536,7 +544,7 @@ class Service:
             news = self._tables_arg(request)
         else:
             table = self._table(request)
-            news = {table: model.normalize_table(table, request.get("entries"), "entries", consume=True)}
+            news = {table: model.normalize_table(table, request.get("entries"), "entries", consume=self._consume)}
         changes, heads = self._changes_for_replace(news)
         new_rs, fids = self._render_changes(changes, heads)
         txn = render.diff(self._ruleset, new_rs, fids)
@@ -564,7 +572,7 @@ class Service:
         news = {}
         for name, entries in raw.items():
             table = model.table_name(name, "tables")
-            news[table] = model.normalize_table(table, entries, "tables.%s" % table, consume=True)
+            news[table] = model.normalize_table(table, entries, "tables.%s" % table, consume=self._consume)
         return news
 
     def _op_schedule(self, request):

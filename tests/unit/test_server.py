@@ -20,7 +20,7 @@ class EchoService:
     def __init__(self):
         self.seen = []
 
-    def handle(self, request):
+    def handle(self, request, owned=False):
         self.seen.append(request)
         if request.get("op") == "boom":
             raise RuntimeError("bug")

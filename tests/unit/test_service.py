@@ -191,6 +191,17 @@ def test_snapshot_written_beside_the_kernel_call(svc, monkeypatch):
     assert [e["local_port"] for e in ok(svc, op="get", table="portfw")["result"]["entries"]] == [83]
 
 
+def test_set_consumes_only_an_owned_request(svc):
+    """The server hands its parsed request over (owned): a set drops the raw entries as
+    it validates them. Any other caller's objects are left as they were."""
+    entries = [dict(WEB, local_port=90 + i) for i in range(3)]
+    ok(svc, op="set", table="portfw", entries=entries)
+    assert [e["local_port"] for e in entries] == [90, 91, 92]
+    request = {"op": "set", "table": "portfw", "entries": [dict(WEB, local_port=95)]}
+    assert svc.handle(request, owned=True)["ok"] and request["entries"] == [None]
+    assert [e["local_port"] for e in ok(svc, op="get", table="portfw")["result"]["entries"]] == [95]
+
+
 def test_restart_reconciles(tmp_path):
     fake = FakeNftables()
     first = Service(str(tmp_path), nft=fake)

@@ -309,12 +309,17 @@ def test_watcher_tcp_down_and_up_on_loopback():
     assert not watcher.running
 
 
-def test_tcp_probes_keep_one_socket_and_never_complete_a_connection():
+@pytest.mark.parametrize("family, address", [(socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")])
+def test_tcp_probes_keep_one_socket_and_never_complete_a_connection(family, address):
     """A succeeded check's socket is reset (AF_UNSPEC) and reused: one socket for many
     checks, and the listener's application never gets a connection (SYN, SYN-ACK,
     RST). A failed check's socket is closed; the next check after it still works."""
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
+    listener = socket.socket(family)
+    try:
+        listener.bind((address, 0))
+    except OSError:
+        listener.close()
+        pytest.skip("no %s loopback" % address)
     listener.listen(64)
     listener.setblocking(False)
     port = listener.getsockname()[1]
@@ -328,13 +333,13 @@ def test_tcp_probes_keep_one_socket_and_never_complete_a_connection():
             if len(results) == count:
                 done.set()
             else:
-                probes.start("127.0.0.1", port, 1.0, target, st)
+                probes.start(address, port, 1.0, target, st)
 
         probes = health.TcpProbes(asyncio.get_running_loop(), finish)
         try:
-            probes.start("127.0.0.1", port, 1.0, "target", None)
+            probes.start(address, port, 1.0, "target", None)
             await asyncio.wait_for(done.wait(), 5)
-            return results, len(probes.idle[socket.AF_INET]), len(probes.registered)
+            return results, len(probes.idle[family]), len(probes.registered)
         finally:
             probes.close()
 

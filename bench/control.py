@@ -180,6 +180,7 @@ def _against_nft_f(lab, agent, work, keys, repeats):
             t0 = common.now()
             c.request("set", table="portfw", entries=entries, echo=False)  # as the single-table masq_* modules send it
             socket_set.append(common.now() - t0)
+            time.sleep(0.5)  # steady: the agent trims its heap right after it answered
             peak_kib.append(_status_kib(agent.proc.pid, "VmHWM"))
             after_kib.append(_status_kib(agent.proc.pid, "VmRSS"))
             if not nft_f:  # the table as the agent programmed it, once

@@ -23,6 +23,7 @@ import time
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 from masqd import render
+from masqd.nft import trim_heap
 from masqd.service import gc_paused
 
 log = logging.getLogger("masqd.metrics")
@@ -367,16 +368,6 @@ class ServiceCollector:
         yield from (took, stamp, errors)
 
 
-def _trim_heap() -> None:
-    """A `list` of 100,000 keys parses the kernel's JSON into many small objects; freed,
-    they stay in glibc's heap (the agent's RSS) unless trimmed, as masqd.nft does after
-    whole-table transactions."""
-    from masqd.nft import _malloc_trim  # pylint: disable=import-outside-toplevel
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
-
-
 # --- serving ----------------------------------------------------------------------------
 
 class Metrics:
@@ -427,7 +418,7 @@ class Metrics:
                 slow = took >= DUTY_AFTER
                 self.keep_seconds = max(self.cache_seconds, min(DUTY * took, MAX_KEEP)) if slow else self.cache_seconds
                 self._exposition = (time.monotonic(), text)
-                _trim_heap()
+                trim_heap()  # a list of 100,000 keys leaves many small objects freed
             return self._exposition[1]
 
     def start(self) -> None:

@@ -279,6 +279,14 @@ def _malloc_trim() -> Optional[Callable[[int], int]]:
     return trim
 
 
+def trim_heap() -> None:
+    """Hand glibc's free heap memory back to the system: after a large request, list
+    or transaction its many freed objects would otherwise stay in the agent's RSS."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
 def _timed_item(item: Any) -> Tuple[str, Tuple[Optional[str], Optional[int], Optional[int]]]:
     """(key text, (value text, timeout s, expires s)) of one element of a timed map or
     set in nft's JSON."""

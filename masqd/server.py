@@ -26,6 +26,8 @@ import struct
 import threading
 import time
 
+from masqd.nft import TRIM_AFTER, trim_heap
+
 log = logging.getLogger("masqd.server")
 
 MAX_REQUEST = 32 << 20         # bytes, newline excluded: a 200,000-key `set` (~28 MiB) fits
@@ -371,8 +373,14 @@ class Server:
                 raw = raw.rstrip(b"\r")
                 if not raw.strip():
                     continue
+                large = len(raw) > TRIM_AFTER
                 if not self._send(conn, self.answer(raw)):
                     return
+                if large:
+                    # The request's text and its parsed objects are freed by now; glibc
+                    # keeps their memory in its heap (the agent's RSS) unless trimmed.
+                    raw = None
+                    trim_heap()
         except OSError as exc:
             if exc.errno not in (errno.EPIPE, errno.ECONNRESET, errno.EBADF):
                 log.warning("connection error: %s", exc)

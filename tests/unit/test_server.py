@@ -102,6 +102,21 @@ def test_request_over_one_mebibyte_is_refused_and_the_next_one_served(running):
     assert service.seen == [{"op": "status"}]
 
 
+def test_the_heap_is_trimmed_after_a_large_request_only(running, monkeypatch):
+    """A large request's text and parsed objects are handed back to the system once
+    answered (glibc would keep them in the agent's RSS); small ones cost no trim."""
+    from masqd import server as server_module
+    trims = []
+    monkeypatch.setattr(server_module, "trim_heap", lambda: trims.append(1))
+    _srv, service, path = running
+    with Client(path) as client:
+        client.request("get", table="portfw")
+        assert trims == []
+        client.request("set", table="portfw", entries=[{"pad": "x" * 1000}] * 1100)  # > 1 MiB
+        client.request("status")
+    assert trims == [1] and len(service.seen) == 3
+
+
 def test_deep_nesting_is_refused_before_parsing(running):
     _srv, service, path = running
     deep = b'{"op": "set", "entries": ' + b"[" * 5000 + b"]" * 5000 + b"}\n"

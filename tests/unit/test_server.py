@@ -270,6 +270,11 @@ def test_root_has_reserved_slots_when_every_connection_is_busy(running, monkeypa
             time.sleep(0.02)
         with Client(path, timeout=5) as client:  # the test runs as root
             assert client.request("status")["ok"]
+        # Root's connection, idle once answered, would be evicted to make room for the
+        # next one: wait until its thread has seen the close and left.
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and len(srv._conns) > server_mod.MAX_CONNECTIONS:
+            time.sleep(0.02)
         monkeypatch.setattr(server_mod, "peer_credentials", lambda sock: (1, 1000, 1000))
         refused = _connect(path)
         assert b"too many connections" in refused.makefile("rb").readline()

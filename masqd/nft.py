@@ -18,7 +18,7 @@ import json
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from masqd import nfnetlink, render
+from masqd import element_batch, nfnetlink, render
 
 # The maps whose elements carry counters (render.BASE_MAPS): PORTFW keys with one target.
 DIRECT_MAPS = ("portfw_direct_v4", "portfw_direct_v6")
@@ -71,10 +71,37 @@ class LibNftables:
         self._set_dry_run.argtypes = [ctypes.c_void_p, ctypes.c_bool]
         self._ctx = self._nft._Nftables__ctx  # pip-nftables does not wrap dry run
         self._malloc_trim = _malloc_trim()
+        self._elements = element_batch.ElementWriter()
 
     def apply(self, txn: render.Transaction, dry_run: bool = False, alongside: Any = None) -> None:
-        """One transaction. `alongside.start()` is called just before libnftables
-        runs it (without the GIL: work started then overlaps the kernel's)."""
+        """One transaction. `alongside.start()` is called just before the kernel
+        runs it (without the GIL: work started then overlaps the kernel's).
+
+        PORTFW element changes go to the kernel as one netlink batch of their own
+        (masqd.element_batch), when the rest of the transaction lets that stay atomic
+        for packets; everything else, and every dry run, through libnftables."""
+        if not txn:
+            return
+        parts = None if dry_run else element_batch.split(txn)
+        if parts is None:
+            self._run(txn, dry_run, alongside)
+            return
+        before, switch, after = parts
+        self._run(before)
+        try:
+            self._elements.commit(switch, alongside)
+        except element_batch.BatchError as exc:
+            added = [op.name for op in before.ops if op.kind == "chain"]
+            if added:  # nothing jumps to them: take them out again
+                try:
+                    self._run(render.Transaction([render.Op("delete", "chain", name, None) for name in added]))
+                except NftError:
+                    pass  # unreferenced chains; the Service's re-sync after this error removes them
+            raise NftError(str(exc)) from None
+        self._run(after)
+
+    def _run(self, txn: render.Transaction, dry_run: bool = False, alongside: Any = None) -> None:
+        """One transaction through libnftables."""
         if not txn:
             return
         text = txn.to_text()

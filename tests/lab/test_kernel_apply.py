@@ -354,3 +354,37 @@ def test_counters_by_netlink_dump_equal_the_listing(gw, tmp_path):
     # read_table (dumps, and each timed map listed alone) reads what the whole-table listing reads
     assert out["same_table"] == {"shape": True, "rules": True, "comments": True, "timed": True}, out["shape_diff"]
     assert out["kinds"] == ["chain", "ct helper", "map"] and out["timed_maps"] >= 2
+
+
+def test_refused_element_batch_takes_its_new_chains_back(gw):
+    """A transaction split around one element batch (masqd.element_batch): when the
+    kernel refuses the batch (here: the last of its deletions names a key that is not
+    there), none of its elements are in, the chains added before it are gone again,
+    and the ruleset is as it was."""
+    out = run_in(gw, """
+        import subprocess
+        from masqd import element_batch
+        from masqd.nft import LibNftables, NftError
+        nft = LibNftables()
+        nft.apply(render.full_sync(render.render({})))
+        listing = lambda: subprocess.run(["nft", "list", "ruleset"], capture_output=True, text=True).stdout
+        chain = render.Chain("pf_00000000000000aa", None, ("meta l4proto tcp counter dnat ip to 10.16.0.27:80",))
+        ok = render.Transaction([render.Op("add", "element", "portfw_direct_v4",
+                                           [("198.51.100.1 . tcp . %d" % p, "10.16.0.27 . 80") for p in range(1, 3001)])])
+        nft.apply(ok)
+        before = listing()
+        bad = render.Transaction([
+            render.Op("add", "chain", chain.name, chain), render.Op("add", "rule", chain.name, chain.rules[0]),
+            render.Op("delete", "element", "portfw_direct_v4",
+                      ["198.51.100.1 . tcp . %d" % p for p in range(1, 3001)] + ["198.51.100.1 . tcp . 9"]),
+            render.Op("add", "element", "portfw_v4", [("198.51.100.2 . tcp . 80", "goto " + chain.name)])])
+        assert element_batch.split(bad) is not None
+        try:
+            nft.apply(bad)
+            refused = None
+        except NftError as exc:
+            refused = str(exc)
+        print(json.dumps({"refused": refused, "unchanged": listing() == before, "count": before.count("10.16.0.27 . 80")}))
+    """)
+    assert out["refused"] and "No such file or directory" in out["refused"]
+    assert out["count"] == 3000 and out["unchanged"]

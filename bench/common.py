@@ -222,6 +222,15 @@ def netns_pids(netns):
     return pids
 
 
+def status_kib(pid, field):
+    """A KiB field of /proc/PID/status (VmRSS, VmHWM)."""
+    with open("/proc/%d/status" % pid) as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError("no %s in /proc/%d/status" % (field, pid))
+
+
 # --- masqd in a lab namespace -------------------------------------------------------------
 
 class Agent:
@@ -282,11 +291,15 @@ class Agent:
         return Client(self.socket, timeout=timeout)
 
     def rss_kib(self):
-        with open("/proc/%d/status" % self.proc.pid) as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1])
-        return None
+        return status_kib(self.proc.pid, "VmRSS")
+
+    def reset_peak_rss(self):
+        """The peak RSS (VmHWM) starts again from the current RSS."""
+        with open("/proc/%d/clear_refs" % self.proc.pid, "w") as f:
+            f.write("5")
+
+    def peak_rss_kib(self):
+        return status_kib(self.proc.pid, "VmHWM")
 
     def preload(self, tables, revision=1):
         """Write a state file (masqd.store's format) for the next start."""

@@ -175,14 +175,13 @@ def _against_nft_f(lab, agent, work, keys, repeats):
     with agent.client() as c:
         for _round in range(repeats):
             c.request("flush", table="portfw")
-            with open("/proc/%d/clear_refs" % agent.proc.pid, "w") as f:
-                f.write("5")  # resets the peak RSS (VmHWM) to the current RSS
+            agent.reset_peak_rss()
             t0 = common.now()
             c.request("set", table="portfw", entries=entries, echo=False)  # as the single-table masq_* modules send it
             socket_set.append(common.now() - t0)
             time.sleep(0.5)  # steady: the agent trims its heap right after it answered
-            peak_kib.append(_status_kib(agent.proc.pid, "VmHWM"))
-            after_kib.append(_status_kib(agent.proc.pid, "VmRSS"))
+            peak_kib.append(agent.peak_rss_kib())
+            after_kib.append(agent.rss_kib())
             if not nft_f:  # the table as the agent programmed it, once
                 listing = lab.run("gateway", ["nft", "-s", "list", "table", "inet", "masqd"], timeout=300,
                                   check=True)
@@ -218,14 +217,6 @@ def _profiled_set(agent, client, entries, out):
         except subprocess.TimeoutExpired:
             spy.kill()
             spy.wait(5)
-
-
-def _status_kib(pid, field):
-    with open("/proc/%d/status" % pid) as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError("no %s in /proc/%d/status" % (field, pid))
 
 
 def _lab():

@@ -1,6 +1,6 @@
 """Runs the benchmark suite, writes bench/results/<name>.json, regenerates REPORT.md.
 
-    python -m bench.run [--quick] [--only dataplane,scale,control,multi_backend,ansible,failover,drift,ha,metrics] [--report]
+    python -m bench.run [--quick] [--only dataplane,scale,control,multi_backend,million,ansible,failover,drift,ha,metrics] [--report]
 
 (scripts/bench.sh installs the tools first and calls this.)
 """
@@ -12,7 +12,7 @@ import traceback
 
 from bench import common
 
-BENCHMARKS = ("dataplane", "scale", "control", "multi_backend", "ansible", "failover", "drift", "fleet_lab", "ha",
+BENCHMARKS = ("dataplane", "scale", "control", "multi_backend", "million", "ansible", "failover", "drift", "fleet_lab", "ha",
               "metrics", "health")
 
 
@@ -20,6 +20,9 @@ def _module(name):
     if name == "metrics":  # docs/metrics.md: scrape cost and API latency during scrapes
         from bench import metrics
         return metrics
+    if name == "million":  # one million PORTFW keys: set vs nft -f, RSS, data plane vs 10 keys
+        from bench import million
+        return million
     if name == "health":  # docs/health.md: failover/recovery vs HAProxy, cost of 1,000 checks
         from bench import health
         return health

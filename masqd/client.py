@@ -18,7 +18,7 @@ DEFAULT_SOCKET = "/run/masqd/masqd.sock"
 SOCKET_ENV = "MASQD_SOCKET"
 # The agent refuses larger requests; a response is never larger than the state.
 MAX_MESSAGE = 1 << 20
-MAX_RESPONSE = 64 << 20
+MAX_RESPONSE = 512 << 20  # a 1,000,000-key `list` is ~190 MiB
 
 
 def default_socket_path():

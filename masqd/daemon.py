@@ -183,6 +183,8 @@ def main(argv=None):
             service.watchers[monitor.name] = monitor
             if not monitor.start():
                 log.error("drift repair not running: %s", monitor.error)
+            elif hasattr(service.nft, "events_off"):
+                service.nft.events_off = monitor.events_off
         from masqd.watchers.health import HealthWatcher  # idle without checked backends
         health = HealthWatcher(service)
         service.watchers[health.name] = health

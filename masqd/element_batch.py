@@ -23,7 +23,7 @@ import struct
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from masqd import render
-from masqd.nfnetlink import (NETLINK_NETFILTER, NFNL_SUBSYS_NFTABLES, NFPROTO_INET, NFTA_DATA_VALUE,
+from masqd.nfnetlink import (NETLINK_NETFILTER, attributes, NFNL_SUBSYS_NFTABLES, NFPROTO_INET, NFTA_DATA_VALUE,
                              NFTA_LIST_ELEM, NFTA_SET_ELEM_KEY, NFTA_SET_ELEM_LIST_ELEMENTS,
                              NFTA_SET_ELEM_LIST_SET, NFTA_SET_ELEM_LIST_TABLE, NLA_F_NESTED, NLM_F_REQUEST,
                              NLMSG_ERROR, PROTOCOL_NUMBERS)
@@ -32,7 +32,9 @@ from masqd.nfnetlink import (NETLINK_NETFILTER, NFNL_SUBSYS_NFTABLES, NFPROTO_IN
 MAPS = frozenset(("portfw_v4", "portfw_v6", "portfw_direct_v4", "portfw_direct_v6"))
 
 NFNL_MSG_BATCH_BEGIN, NFNL_MSG_BATCH_END = 0x10, 0x11
-NFT_MSG_NEWSETELEM, NFT_MSG_DELSETELEM = 12, 14
+NFT_MSG_NEWSETELEM, NFT_MSG_DELSETELEM, NFT_MSG_NEWGEN, NFT_MSG_GETGEN = 12, 14, 15, 16
+NFTA_GEN_ID = 1
+GENERATION_TIMEOUT = 5.0  # seconds for the kernel's answer to GETGEN
 NLM_F_ACK, NLM_F_CREATE = 0x4, 0x400
 NFTA_SET_ELEM_DATA = 2
 NFTA_DATA_VERDICT = 2
@@ -40,6 +42,7 @@ NFTA_VERDICT_CODE, NFTA_VERDICT_CHAIN = 1, 2
 NFT_GOTO = -4
 SOL_NETLINK, NETLINK_CAP_ACK = 270, 10
 MESSAGE_ELEMENTS = 60000  # bytes of elements per message: the list's nla_len is 16 bits
+QUIET_AFTER = 10000  # elements: larger batches run with the ruleset monitor's events off
 ACK_TRUESIZE = 1024  # receive-buffer charge of one ack (an skb), to size the buffer
 
 
@@ -199,6 +202,31 @@ class ElementWriter:
             nfgen = struct.pack("=BBH", NFPROTO_INET, 0, 0)
             msg_type |= NFNL_SUBSYS_NFTABLES << 8
         return struct.pack("=IHHII", 20 + len(attrs), msg_type, flags, self.seq, 0) + nfgen + attrs
+
+    def generation(self) -> int:
+        """The ruleset's generation: the kernel adds one for every committed batch."""
+        self.seq += 1
+        self._drain()
+        request = struct.pack("=IHHII", 20, (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETGEN, NLM_F_REQUEST,
+                              self.seq, 0) + struct.pack("=BBH", socket.AF_UNSPEC, 0, 0)
+        self.sock.sendto(request, (0, 0))
+        self.sock.settimeout(GENERATION_TIMEOUT)
+        try:
+            while True:
+                data = self.sock.recv(1 << 16)
+                offset = 0
+                while offset + 20 <= len(data):
+                    length, mtype, _flags, seq, _pid = struct.unpack_from("=IHHII", data, offset)
+                    if seq == self.seq and mtype == NLMSG_ERROR:
+                        code = -struct.unpack_from("=i", data, offset + 16)[0]
+                        raise OSError(code, os.strerror(code))
+                    if seq == self.seq and mtype & 0xFF == NFT_MSG_NEWGEN:
+                        gen_id = attributes(data[offset + 20:offset + length]).get(NFTA_GEN_ID)
+                        if gen_id is not None:
+                            return struct.unpack(">I", gen_id)[0]
+                    offset += (max(length, 20) + 3) & ~3
+        finally:
+            self.sock.settimeout(None)
 
     def commit(self, ops: Sequence[render.Op], alongside: Any = None) -> None:
         """Send `ops` (element ops of MAPS) as one batch; BatchError if refused.

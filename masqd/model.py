@@ -16,7 +16,7 @@ TABLES = ("portfw", "autofw", "mfw", "marks", "masquerade")
 # Table-size caps (documented in docs/architecture.md). They bound memory, the size of
 # one kernel transaction and the O(n) work of whole-table operations.
 MAX_ENTRIES = {
-    "portfw": 200000,
+    "portfw": 1000000,
     "autofw": 1024,
     "mfw": 4096,
     "marks": 1024,

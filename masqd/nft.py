@@ -12,6 +12,7 @@ Both offer the same interface, which masqd.service.Service uses:
                              table's shape (for drift verification); None if absent
 """
 
+import contextlib
 import copy
 import ctypes
 import json
@@ -72,6 +73,8 @@ class LibNftables:
         self._ctx = self._nft._Nftables__ctx  # pip-nftables does not wrap dry run
         self._malloc_trim = _malloc_trim()
         self._elements = element_batch.ElementWriter()
+        # RulesetMonitor.events_off, when a monitor runs (masqd.daemon sets it)
+        self.events_off: Optional[Callable[[Callable[[], int]], Any]] = None
 
     def apply(self, txn: render.Transaction, dry_run: bool = False, alongside: Any = None) -> None:
         """One transaction. `alongside.start()` is called just before the kernel
@@ -88,8 +91,10 @@ class LibNftables:
             return
         before, switch, after = parts
         self._run(before)
+        quiet = self.events_off is not None and sum(len(op.arg) for op in switch) >= element_batch.QUIET_AFTER
         try:
-            self._elements.commit(switch, alongside)
+            with self.events_off(self._elements.generation) if quiet else contextlib.nullcontext():
+                self._elements.commit(switch, alongside)
         except element_batch.BatchError as exc:
             added = [op.name for op in before.ops if op.kind == "chain"]
             if added:  # nothing jumps to them: take them out again

@@ -3,7 +3,7 @@
 knftables-style: a Ruleset is a set of Fragments (one per AUTOFW entry, mfw mark,
 plus the whole marks and masquerade tables and the fixed skeleton) and the PORTFW
 table. Each Fragment holds Chains, Map definitions and map Elements. PORTFW keys (up to
-200,000) are not kept rendered: a key renders on demand to one map element, plus a
+1,000,000) are not kept rendered: a key renders on demand to one map element, plus a
 chain for a multi-backend key (`portfw_items`), so memory holds each key once, as its
 canonical entry. `diff(old, new, fids)` turns the difference of some fragments (fid
 ("portfw", key) for a PORTFW key) into a Transaction: typed ops, applied atomically by

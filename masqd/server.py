@@ -30,14 +30,14 @@ from masqd.nft import TRIM_AFTER, trim_heap
 
 log = logging.getLogger("masqd.server")
 
-MAX_REQUEST = 32 << 20         # bytes, newline excluded: a 200,000-key `set` (~28 MiB) fits
+MAX_REQUEST = 256 << 20        # bytes, newline excluded: a 1,000,000-key `set` (~140-200 MiB) fits
 MAX_DEPTH = 32                 # JSON nesting levels
 MAX_CONNECTIONS = 64
 MAX_DISCARD = 64 << 20         # an oversized request is skipped up to this much, then hung up
 ROOT_RESERVE = 8               # connections beyond MAX_CONNECTIONS that only uid 0 may take
 REQUEST_TIMEOUT = 10.0         # seconds: a started request must arrive whole within this
 IDLE_TIMEOUT = 60.0            # seconds: a connection waiting for its next request is closed after this
-RESPONSE_TIMEOUT = 30.0        # seconds: a client must read its response within this (it may be 28 MiB)
+RESPONSE_TIMEOUT = 30.0        # seconds: a client must read its response within this (it may be 200 MiB)
 _CHUNK = 1 << 20
 
 

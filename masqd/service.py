@@ -87,6 +87,7 @@ class Service:
         self._lock = threading.RLock()
         self._consume = False  # the request being handled is the Service's to consume
         self._tables = {t: {} for t in TABLES}
+        self._checked = {t: frozenset() for t in _BACKEND_TABLES}  # keys with a checked backend
         self._mfw_heads = {}
         self._revision = 0
         self._ruleset = None
@@ -139,6 +140,8 @@ class Service:
                 raw = doc["tables"].pop(table, [])
                 tables[table] = model.normalize_table(table, raw, "state.tables.%s" % table, consume=True)
                 del raw
+            self._checked = {t: frozenset(k for k, e in tables[t].items() if model.checked(e))
+                             for t in _BACKEND_TABLES}
             self._tables = tables
             self._mfw_heads = {int(k): v for k, v in doc.get("mfw_heads", {}).items()}
             self._revision = doc["revision"]
@@ -727,7 +730,10 @@ class Service:
             raise KernelRejected({"field": "state_dir", "value": self.store.state_dir,
                                   "message": "could not persist the state, change rolled back: %s" % exc})
         old_autofw = self._tables["autofw"]
-        self._tables, self._mfw_heads, self._revision, self._ruleset = tables, heads, revision, new_rs
+        # _checked and _tables before _revision: whoever sees the new revision (the
+        # health watcher) reads both new
+        self._checked, self._tables, self._mfw_heads, self._revision, self._ruleset = (
+            self._checked_after(changes), tables, heads, revision, new_rs)
         self._down = down
         if "autofw" in changes:
             new_autofw = changes["autofw"][0]
@@ -761,13 +767,32 @@ class Service:
 
     # --- health checks (fed by masqd.watchers.health, docs/health.md) -------------------
 
+    def _checked_after(self, changes):
+        """_checked once `changes` ({table: (new table, keys)}) are in."""
+        checked = dict(self._checked)
+        for table, (new_table, keys) in changes.items():
+            if table in checked:
+                now = set(checked[table])
+                for key in keys:
+                    entry = new_table.get(key)
+                    if entry is not None and model.checked(entry):
+                        now.add(key)
+                    else:
+                        now.discard(key)
+                checked[table] = frozenset(now)
+        return checked
+
     def health_targets(self):
         """{(table, key, address, port): check} of every checked backend (lock-free:
-        tables are swapped whole, never mutated)."""
-        tables = self._tables
+        tables are swapped whole, never mutated). Only the keys with a check are
+        looked at: after every change, at 1,000,000 keys a scan would cost seconds."""
+        tables, checked = self._tables, self._checked
         out = {}
         for table in _BACKEND_TABLES:
-            for key, entry in tables[table].items():
+            for key in checked[table]:
+                entry = tables[table].get(key)
+                if entry is None:
+                    continue
                 for b in entry["backends"]:
                     check = b.get("check")
                     if check is not None:
@@ -956,14 +981,26 @@ def gc_paused():
     every live entry) cost about a third of the request; a `list` or a metrics
     exposition as many, and a full collection stops every thread meanwhile. Requests
     create no reference cycles worth collecting early; the collector resumes
-    afterwards (with overlapping uses, when the one that found it enabled ends)."""
+    afterwards (with overlapping uses, when the one that found it enabled ends).
+
+    When more than FREEZE_AFTER containers outlive the pause (a whole-table `set` or
+    start: the new state), they are frozen first (gc.freeze: never traversed again;
+    still freed by reference counting). Else the first collection after the pause
+    would traverse them all: 5.5 s after a 1,000,000-key `set`, and every later full
+    collection as long again. A reference cycle made during such a request is never
+    collected; requests make none on purpose."""
     enabled = gc.isenabled()
     gc.disable()
     try:
         yield
     finally:
         if enabled:
+            if gc.get_count()[0] > FREEZE_AFTER:
+                gc.freeze()
             gc.enable()
+
+
+FREEZE_AFTER = 100000  # containers, see gc_paused
 
 
 def _iso(wall):

@@ -19,12 +19,19 @@ Backstop (kube-proxy style): every `verify_interval` seconds, and after the sock
 overflowed (ENOBUFS: messages were lost), the Service compares the kernel's table
 with what it rendered and repairs a difference.
 
+The agent's own large element batches (masqd.element_batch) run with the
+subscription dropped (`events_off`): a 1,000,000-element commit would overflow any
+socket buffer, and while nobody listens the kernel builds no events. The ruleset's
+generation, read before and after, says whether anything but that batch committed
+meanwhile; if so, the comparison runs as after an overflow.
+
 The socket and the message parsing are plain stdlib (socket, struct) rather than
 pyroute2: the messages needed are five attribute types, the subscription is two
 calls, and pyroute2's nftables API differs between Debian 12's 0.7 and the 0.9 line
 (the agent must run on both), while this code does not depend on either.
 """
 
+import contextlib
 import errno
 import logging
 import os
@@ -33,7 +40,7 @@ import struct
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import AbstractSet, Any, Callable, Dict, List, Optional, Set, Tuple
+from typing import AbstractSet, Any, Callable, Dict, Iterator, List, Optional, Set, Tuple
 
 from masqd.nfnetlink import (NETLINK_NETFILTER, NFNL_SUBSYS_NFTABLES, NFPROTO_INET,
                              attributes, counter_packets, rule_comment, string)
@@ -41,7 +48,7 @@ from masqd.nfnetlink import (NETLINK_NETFILTER, NFNL_SUBSYS_NFTABLES, NFPROTO_IN
 log = logging.getLogger("masqd.watchers.ruleset")
 
 SOL_NETLINK = 270
-NETLINK_ADD_MEMBERSHIP = 1
+NETLINK_ADD_MEMBERSHIP, NETLINK_DROP_MEMBERSHIP = 1, 2
 NFNLGRP_NFTABLES = 7
 RCVBUF = 32 << 20
 
@@ -159,6 +166,7 @@ class RulesetMonitor:
         self._stop = threading.Event()
         self._pending: Optional[DriftReport] = None
         self._next_verify = 0.0
+        self._verify_due: Optional[str] = None  # set by events_off, run by the monitor's thread
 
     # --- lifecycle ------------------------------------------------------------------
 
@@ -195,6 +203,31 @@ class RulesetMonitor:
             self._sock = None
         self.running = False
 
+    @contextlib.contextmanager
+    def events_off(self, generation: Callable[[], int]) -> Iterator[None]:
+        """No events for the agent's own commit run inside (one batch, or none if it
+        raises). `generation()` reads the ruleset's generation: if it moved by anything
+        else than that commit, another program's commit may have been missed, and the
+        monitor's thread compares the table as after an overflow."""
+        sock = self._sock
+        if sock is None or not self.running:
+            yield
+            return
+        before = generation()  # commits up to here have their events queued already
+        sock.setsockopt(SOL_NETLINK, NETLINK_DROP_MEMBERSHIP, NFNLGRP_NFTABLES)
+        committed = False
+        try:
+            yield
+            committed = True
+        finally:
+            sock.setsockopt(SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, NFNLGRP_NFTABLES)
+            try:
+                moved = generation() - before
+            except OSError:
+                moved = -1
+            if moved != (1 if committed else 0):
+                self._verify_due = "a commit by another program may have been missed during the agent's own"
+
     def stats(self) -> Dict[str, Any]:
         return {"running": self.running, "error": self.error, "events": self.events,
                 "foreign_batches": self.foreign_batches, "overflows": self.overflows,
@@ -227,7 +260,10 @@ class RulesetMonitor:
                     self.handle(msg)
             except Exception as exc:  # one odd message must not end the monitor
                 log.warning("ruleset monitor: message ignored: %s: %s", type(exc).__name__, exc)
-            if self.verify_interval and time.monotonic() >= self._next_verify:
+            if self._verify_due is not None:
+                reason, self._verify_due = self._verify_due, None
+                self._verify(reason)
+            elif self.verify_interval and time.monotonic() >= self._next_verify:
                 self._verify("periodic verification")
         self.running = False
 

@@ -13,7 +13,7 @@ import socket as _socket
 
 DEFAULT_SOCKET = "/run/masqd/masqd.sock"
 # Responses carry whole tables plus counters; bound them anyway.
-MAX_RESPONSE = 64 * 1024 * 1024
+MAX_RESPONSE = 512 * 1024 * 1024  # a 1,000,000-key `list` is ~190 MiB
 
 
 class MasqdError(Exception):

@@ -388,3 +388,44 @@ def test_refused_element_batch_takes_its_new_chains_back(gw):
     """)
     assert out["refused"] and "No such file or directory" in out["refused"]
     assert out["count"] == 3000 and out["unchanged"]
+
+
+def test_events_off_for_own_batches_and_foreign_commits_still_checked(gw):
+    """The ruleset monitor drops its subscription for the agent's own large element
+    batch (RulesetMonitor.events_off): no events, no verification for that batch alone;
+    a commit by another program inside that window moves the generation by more than
+    one, and the monitor's thread then runs the comparison (as after an overflow)."""
+    out = run_in(gw, """
+        import subprocess, threading
+        from masqd.nft import LibNftables
+        from masqd.element_batch import ElementWriter
+        from masqd.watchers.ruleset import RulesetMonitor
+        nft = LibNftables()
+        nft.apply(render.full_sync(render.render({})))
+        verified = []
+        done = threading.Event()
+        def on_verify(reason):
+            verified.append(reason)
+            done.set()
+        monitor = RulesetMonitor(lambda report: verified.append("drift"), on_verify, verify_interval=0)
+        assert monitor.start()
+        writer = ElementWriter()
+        def batch(port):
+            return [render.Op("add", "element", "portfw_direct_v4", [("198.51.100.1 . tcp . %d" % port, "10.16.0.27 . 80")])]
+        events = monitor.events
+        with monitor.events_off(writer.generation):
+            writer.commit(batch(1))
+        time.sleep(0.6)  # a loop of the monitor's thread
+        alone = {"verified": list(verified), "events": monitor.events - events}
+        with monitor.events_off(writer.generation):
+            writer.commit(batch(2))
+            subprocess.run(["nft", "add", "table", "inet", "foreign"], check=True)
+        done.wait(5)
+        monitor.stop()
+        print(json.dumps({"alone": alone, "with_foreign": verified,
+                          "elements": subprocess.run(["nft", "list", "map", "inet", "masqd", "portfw_direct_v4"],
+                                                     capture_output=True, text=True).stdout}))
+    """)
+    assert out["alone"] == {"verified": [], "events": 0}
+    assert len(out["with_foreign"]) == 1 and "another program" in out["with_foreign"][0]
+    assert "198.51.100.1 . tcp . 1" in out["elements"] and "198.51.100.1 . tcp . 2" in out["elements"]

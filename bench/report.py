@@ -15,29 +15,33 @@ PLOTS = os.path.join(RESULTS, "plots")
 # What a missed target means and what would close the gap (keyed by target prefix).
 GAPS = {
     "socket set of": (
-        "What is left beside the libnftables transaction (as long as `nft -f` itself) is "
-        "Python: the request's JSON parse and depth check, validation, render + diff (py-spy "
-        "profile of this run: `bench/results/profiles/pyspy_socket_set_100000.txt`; "
-        "`..._before.txt` is the same set before the snapshot moved beside the kernel call, "
-        "2026-12-06). The snapshot is already written beside the kernel call."),
+        "The PORTFW elements already go to the kernel as one netlink batch (no libnftables "
+        "parse); what is left is Python: the request's JSON parse and depth check, validation, "
+        "render + diff, the batch's encoding (py-spy profile of this run: "
+        "`bench/results/profiles/pyspy_socket_set_100000.txt`)."),
     "start with": (
         "A start loads the state file, validates it and loads the table in one transaction "
         "(the `nft -f` part); see the set's profile for the Python part."),
     "list of": (
         "The kernel's dump of a 100,000-element map restarts its walk for every 32 KiB "
-        "message (~0.5 s), and every entry is built and encoded as JSON (~1 s in Python). "
-        "Writers are not blocked by it (the next row)."),
+        "message (~0.7 s, growing with the square of the map), the counters are decoded and "
+        "every entry is built and encoded as JSON (~1 s in Python), and the client decodes "
+        "~19 MB of JSON. Writers are not blocked by it (the next row). Splitting the direct "
+        "maps into shards (one more lookup per shard for each new connection) would cut the "
+        "walk; not done."),
     "RSS at": (
         "After a whole-table socket `set` the agent's RSS stays above the size of the loaded "
         "table: the request's parsed objects leave Python's allocator fragmented."),
     "peak RSS during": (
-        "The request's parsed objects, the canonical entries and libnftables' parse of the "
-        "transaction (~250 MB at 100,000 elements, trimmed after) are alive at once."),
+        "The request's text and parsed objects and the canonical entries are alive at once "
+        "(the elements no longer pass through libnftables)."),
     "one two-backend key add/delete": (
-        "See the multi-backend section: on libnftables 1.0.6 (Debian 12) the cache fill before "
-        "every element command reads every chain; on Debian 13's 1.1 the add is the kernel's "
-        "table validation, which grows with the multi-backend keys of the table (sharding "
-        "them over several tables would bound it; not done)."),
+        "See the multi-backend section: the key's chain and rules still go through libnftables, "
+        "whose 1.0.6 (Debian 12) fills its cache with every chain of the namespace first (the "
+        "element itself goes by netlink batch); on Debian 13's 1.1, and for the batch, what is "
+        "left is the kernel's table validation on a `goto` add, which grows with the "
+        "multi-backend keys of the table (sharding them over several tables would bound it; "
+        "not done)."),
     "throughput_portfw_vs_socat": (
         "PORTFW itself runs at the routing ceiling (see the routing ratio); the ratio to socat "
         "is bounded by routing/socat on this machine. socat here moves ~3 Gbit/s (splice-less "

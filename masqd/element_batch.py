@@ -105,7 +105,7 @@ class Encoder:
         its lookups bound locally: this runs for every element of a whole-table set."""
         parts, part, heads, heads_for, verdict = self._parts, self._part, self._heads, self._heads_for, self.verdict
         protos = _PROTOCOLS
-        out = []
+        out: List[bytes] = []
         append = out.append
         for key, value in items:
             address, proto, port = key.split(" . ")

@@ -408,7 +408,7 @@ class Server:
                 if discarded or len(line) > MAX_REQUEST:
                     return error_envelope("request", None, "request larger than %d bytes" % MAX_REQUEST)
                 return line
-            if len(pending) > MAX_REQUEST:
+            if discarded or len(pending) > MAX_REQUEST:  # once over, every chunk is dropped as it comes
                 discarded += len(pending)
                 pending.clear()
                 if discarded > MAX_REQUEST + MAX_DISCARD:

@@ -21,6 +21,7 @@ from masqd.model import TABLES, ValidationError
 from masqd.nft import NftError, shape_of
 from masqd.rp_filter import rp_filter_warnings
 from masqd.store import JOURNAL_MAX, Store
+from masqd.watchers.ruleset import PERIODIC
 
 _REQUEST_FIELDS = ("op", "table", "tables", "entry", "entries", "revision", "mark", "echo")
 _WRITE_OPS = ("add", "insert", "edit", "delete", "flush", "set", "schedule")
@@ -101,6 +102,8 @@ class Service:
         self.clock = time.monotonic
         self.drift = DriftRecord()
         self.full_syncs = 0  # whole-table transactions: start, drift repair, failed incremental apply
+        self.verifications_skipped = 0  # periodic ones: the ruleset's generation had not moved
+        self._verified_generation = None  # the generation of the last comparison that matched
         self._readers = _Readers(self._kernel)  # kernel handles for reads off the lock
         self._seen_timed = None  # (clock, KernelTable.timed) of the last verification
 
@@ -145,7 +148,7 @@ class Service:
             self._tables = tables
             self._mfw_heads = {int(k): v for k, v in doc.get("mfw_heads", {}).items()}
             self._revision = doc["revision"]
-            self._full_sync(self.nft.read_table())
+            self._full_sync(self.nft.read_table(shape=False))
 
     def stop(self):
         for watcher in self.watchers.values():
@@ -238,7 +241,7 @@ class Service:
             if self._ruleset is None:
                 return
             started = self.clock()
-            kernel = None if report.table_deleted else self.nft.read_table()
+            kernel = None if report.table_deleted else self.nft.read_table(shape=False)
             try:
                 self._full_sync(kernel, report.deleted_rules)
             except NftError as exc:
@@ -250,16 +253,31 @@ class Service:
 
     def verify_kernel(self, reason):
         """The backstop: does the kernel's table have the shape of the rendering? Read
-        off the lock with a second kernel handle; repair (under the lock) if not."""
+        off the lock with a second kernel handle; repair (under the lock) if not.
+
+        A periodic verification is skipped while the ruleset's generation is the one
+        of the agent's own last commit or of the last matching comparison: nobody has
+        committed since (events would have said so anyway; lost ones set off a
+        verification that is never skipped). Counting a map's elements takes a dump of
+        all of them: ~90 s at 1,000,000 keys, so every 60 s would never end."""
         if self._ruleset is None:
             return
         ruleset = self._ruleset
-        want = shape_of(*ruleset.objects())
         with self._readers.borrow() as reader:
+            try:
+                now = reader.generation()
+            except OSError:
+                now = None
+            if (reason == PERIODIC and now is not None
+                    and now in (self.nft.committed_generation, self._verified_generation)):
+                self.verifications_skipped += 1
+                return
+            want = shape_of(*ruleset.objects())
             kernel = reader.read_table()
         if kernel is not None:
             self._seen_timed = (self.clock(), kernel.timed)
         if kernel is not None and kernel.shape == want:
+            self._verified_generation = now
             return
         with self._lock, gc_paused():
             kernel = self.nft.read_table()  # again, under the lock: our own change may have been in flight
@@ -345,6 +363,7 @@ class Service:
                        "autofw_watcher": watcher,
                        "watchers": {name: w.stats() for name, w in self.watchers.items() if w is not None},
                        "drift": self.drift.as_dict(), "full_syncs": self.full_syncs,
+                       "verifications_skipped": self.verifications_skipped,
                        "warnings": rp_filter_warnings(self._tables["marks"].values())}
 
     def _op_get(self, request):

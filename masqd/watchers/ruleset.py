@@ -51,6 +51,7 @@ SOL_NETLINK = 270
 NETLINK_ADD_MEMBERSHIP, NETLINK_DROP_MEMBERSHIP = 1, 2
 NFNLGRP_NFTABLES = 7
 RCVBUF = 32 << 20
+PERIODIC = "periodic verification"  # the reason on_verify gets for the every-interval one
 
 # NFT_MSG_* (linux/netfilter/nf_tables.h) -> (verb, object) as `nft monitor` says them.
 MESSAGES = {0: ("add", "table"), 2: ("delete", "table"), 3: ("add", "chain"),
@@ -210,10 +211,14 @@ class RulesetMonitor:
         else than that commit, another program's commit may have been missed, and the
         monitor's thread compares the table as after an overflow."""
         sock = self._sock
-        if sock is None or not self.running:
+        try:
+            before = generation() if sock is not None and self.running else None
+        except OSError:
+            before = None  # no generation to check against: keep the events on
+        if sock is None or before is None:
             yield
             return
-        before = generation()  # commits up to here have their events queued already
+        # Commits up to here have their events queued already.
         sock.setsockopt(SOL_NETLINK, NETLINK_DROP_MEMBERSHIP, NFNLGRP_NFTABLES)
         committed = False
         try:
@@ -264,7 +269,7 @@ class RulesetMonitor:
                 reason, self._verify_due = self._verify_due, None
                 self._verify(reason)
             elif self.verify_interval and time.monotonic() >= self._next_verify:
-                self._verify("periodic verification")
+                self._verify(PERIODIC)
         self.running = False
 
     def _verify(self, reason: str) -> None:

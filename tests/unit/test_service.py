@@ -376,3 +376,29 @@ def test_a_restart_continues_an_mfw_schedule_where_the_kernel_stood(tmp_path):
     assert [(b["address"], b["head"], b["pcnt"]) for b in entry["backends"]] == [
         ("10.16.0.3", False, 3), ("10.16.0.4", True, 2)]
     assert [b["connections"] for b in entry["backends"]] == [1, 0]
+
+
+def test_periodic_verification_skipped_while_the_generation_has_not_moved(svc, monkeypatch):
+    """The periodic backstop reads the table only when something committed since the
+    agent's own last commit or the last matching comparison; a verification for lost
+    events is never skipped."""
+    from masqd.watchers.ruleset import PERIODIC
+    ok(svc, op="set", table="portfw", entries=[WEB, dict(WEB, local_port=81)])
+    reads = []
+    read_table = svc.nft.read_table
+    monkeypatch.setattr(svc.nft, "read_table", lambda shape=True: reads.append(shape) or read_table(shape))
+    svc.verify_kernel(PERIODIC)
+    assert reads == [] and svc.verifications_skipped == 1
+    for elements in svc.nft.elements.values():  # another program empties the maps
+        elements.clear()
+    svc.nft.commits += 1
+    svc.verify_kernel(PERIODIC)
+    assert reads and svc.nft.dump() == svc._ruleset.dump()  # compared, found, repaired
+    svc.nft.commits += 1  # another program commits elsewhere: compared, matches
+    count = len(reads)
+    svc.verify_kernel(PERIODIC)
+    assert len(reads) == count + 1
+    svc.verify_kernel(PERIODIC)  # that comparison's generation: skipped
+    assert len(reads) == count + 1 and svc.verifications_skipped == 2
+    svc.verify_kernel("events lost (socket overflow)")
+    assert len(reads) == count + 2

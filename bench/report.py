@@ -15,7 +15,7 @@ PLOTS = os.path.join(RESULTS, "plots")
 # What a missed target means and what would close the gap (keyed by target prefix).
 GAPS = {
     "socket set of": (
-        "The PORTFW elements already go to the kernel as one netlink batch (no libnftables "
+        "PORTFW changes already go to the kernel as one netlink batch (no libnftables "
         "parse); what is left is Python: the request's JSON parse and depth check, validation, "
         "render + diff, the batch's encoding (py-spy profile of this run: "
         "`bench/results/profiles/pyspy_socket_set_100000.txt`)."),
@@ -36,10 +36,8 @@ GAPS = {
         "The request's text and parsed objects and the canonical entries are alive at once "
         "(the elements no longer pass through libnftables)."),
     "one two-backend key add/delete": (
-        "See the multi-backend section: the key's chain and rules still go through libnftables, "
-        "whose 1.0.6 (Debian 12) fills its cache with every chain of the namespace first (the "
-        "element itself goes by netlink batch); on Debian 13's 1.1, and for the batch, what is "
-        "left is the kernel's table validation on a `goto` add, which grows with the "
+        "See the multi-backend section: PORTFW changes go by netlink batch, without libnftables; "
+        "what is left is the kernel's table validation on a `goto` add, which grows with the "
         "multi-backend keys of the table (sharding them over several tables would bound it; "
         "not done)."),
     "throughput_portfw_vs_socat": (
@@ -459,10 +457,11 @@ def multi_backend_section(doc):
             + table(["agent on", "two-backend keys loaded", "add / delete one two-backend key, ms",
                      "add / delete one one-backend key, ms"], rows)
             + "\nThe same agent and requests; `debian13` runs it with `chroot` in an overlay of the cached "
-              "Debian 13 root. libnftables 1.0.6 fills its cache with every chain of the namespace "
-              "before each element command (every change pays for every multi-backend key's chain); "
-              "1.1 does not, and what is left of a two-backend add is the kernel validating the table "
-              "when a `goto` element is added (docs/architecture.md, Known limits).\n\n")
+              "Debian 13 root. PORTFW changes go to the kernel as masqd's own netlink batch, so neither "
+              "libnftables is on their path any more (1.0.6 used to fill its cache with every chain of the "
+              "namespace before each change); what is left of a two-backend add is the kernel validating "
+              "the table when a `goto` element is added, the same on both (docs/architecture.md, Known "
+              "limits).\n\n")
 
 
 def million_section(doc):
@@ -491,7 +490,7 @@ def million_section(doc):
               f(s["per_packet_%d_vs_10_normalized" % keys], "%.3f"))]
     return ("## One million PORTFW keys\n\n%s\n\n" % _method(doc)
             + table(["measure", "value"], rows)
-            + "\nThe PORTFW elements go to the kernel as one nfnetlink batch (masqd/element_batch.py); "
+            + "\nPORTFW changes go to the kernel as one nfnetlink batch (masqd/portfw_batch.py); "
               "the restart's full re-sync is still one libnftables transaction, whose parse of a million "
               "elements is what its peak RSS shows.\n\n")
 

@@ -19,7 +19,7 @@ import json
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from masqd import element_batch, nfnetlink, render
+from masqd import nfnetlink, portfw_batch, render
 
 # The maps whose elements carry counters (render.BASE_MAPS): PORTFW keys with one target.
 DIRECT_MAPS = ("portfw_direct_v4", "portfw_direct_v6")
@@ -72,7 +72,7 @@ class LibNftables:
         self._set_dry_run.argtypes = [ctypes.c_void_p, ctypes.c_bool]
         self._ctx = self._nft._Nftables__ctx  # pip-nftables does not wrap dry run
         self._malloc_trim = _malloc_trim()
-        self._elements = element_batch.ElementWriter()
+        self._batches = portfw_batch.BatchWriter()
         # RulesetMonitor.events_off, when a monitor runs (masqd.daemon sets it)
         self.events_off: Optional[Callable[[Callable[[], int]], Any]] = None
         # The ruleset's generation right after this handle's last commit (None: unknown)
@@ -82,20 +82,20 @@ class LibNftables:
         """One transaction. `alongside.start()` is called just before the kernel
         runs it (without the GIL: work started then overlaps the kernel's).
 
-        PORTFW element changes go to the kernel as one netlink batch of their own
-        (masqd.element_batch), when the rest of the transaction lets that stay atomic
-        for packets; everything else, and every dry run, through libnftables."""
+        A PORTFW transaction (chains, cascade rules, map elements: what a change of
+        PORTFW keys diffs to) goes to the kernel as one nfnetlink batch of masqd's own
+        (masqd.portfw_batch); everything else, and every dry run, through libnftables."""
         if not txn:
             return
         if dry_run:
             self._run(txn, dry_run, alongside)
             return
         self.committed_generation = None  # unknown until this transaction is in
-        parts = element_batch.split(txn)
-        if parts is None:
+        ops = portfw_batch.batch_ops(txn)
+        if ops is None:
             self._run(txn, dry_run, alongside)
         else:
-            self._apply_split(*parts, alongside)
+            self._commit_batch(ops, alongside)
         try:
             self.committed_generation = self.generation()
         except OSError:
@@ -103,26 +103,18 @@ class LibNftables:
 
     def generation(self) -> int:
         """The ruleset's generation (one more for every batch anyone commits)."""
-        return self._elements.generation()
+        return self._batches.generation()
 
-    def _apply_split(self, before: render.Transaction, switch: List[render.Op], after: render.Transaction,
-                     alongside: Any) -> None:
-        self._run(before)
+    def _commit_batch(self, ops: List[Tuple[render.Op, Optional[bytes]]], alongside: Any) -> None:
         events_off = self.events_off
-        if events_off is None or sum(len(op.arg) for op in switch) < element_batch.QUIET_AFTER:
+        if events_off is None or sum(len(op.arg) if op.kind == "element" else 1
+                                     for op, _rule in ops) < portfw_batch.QUIET_AFTER:
             events_off = _events_on
         try:
-            with events_off(self._elements.generation):
-                self._elements.commit(switch, alongside)
-        except element_batch.BatchError as exc:
-            added = [op.name for op in before.ops if op.kind == "chain"]
-            if added:  # nothing jumps to them: take them out again
-                try:
-                    self._run(render.Transaction([render.Op("delete", "chain", name, None) for name in added]))
-                except NftError:
-                    pass  # unreferenced chains; the Service's re-sync after this error removes them
+            with events_off(self._batches.generation):
+                self._batches.commit(ops, alongside)
+        except portfw_batch.BatchError as exc:
             raise NftError(str(exc)) from None
-        self._run(after)
 
     def _run(self, txn: render.Transaction, dry_run: bool = False, alongside: Any = None) -> None:
         """One transaction through libnftables."""

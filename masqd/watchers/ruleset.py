@@ -19,7 +19,7 @@ Backstop (kube-proxy style): every `verify_interval` seconds, and after the sock
 overflowed (ENOBUFS: messages were lost), the Service compares the kernel's table
 with what it rendered and repairs a difference.
 
-The agent's own large element batches (masqd.element_batch) run with the
+The agent's own large PORTFW batches (masqd.portfw_batch) run with the
 subscription dropped (`events_off`): a 1,000,000-element commit would overflow any
 socket buffer, and while nobody listens the kernel builds no events. The ruleset's
 generation, read before and after, says whether anything but that batch committed

@@ -356,14 +356,72 @@ def test_counters_by_netlink_dump_equal_the_listing(gw, tmp_path):
     assert out["kinds"] == ["chain", "ct helper", "map"] and out["timed_maps"] >= 2
 
 
-def test_refused_element_batch_takes_its_new_chains_back(gw):
-    """A transaction split around one element batch (masqd.element_batch): when the
-    kernel refuses the batch (here: the last of its deletions names a key that is not
-    there), none of its elements are in, the chains added before it are gone again,
-    and the ruleset is as it was."""
+RULE_SHAPES = [  # every rule text render writes for PORTFW keys (cascades, all_down reject)
+    'meta l4proto tcp numgen inc mod 20 < 15 counter dnat ip to 10.16.0.27:80 comment "phase 3"',
+    "meta l4proto tcp numgen inc mod 5 < 3 counter dnat ip to 10.16.0.28:8080",
+    "meta l4proto tcp counter dnat ip to 10.16.0.29:65535",
+    "meta l4proto udp numgen inc mod 65535 < 1 counter dnat ip6 to [fd00::1]:53",
+    'meta l4proto udp counter dnat ip6 to [2001:db8::ffff:1]:1 comment "phase 4294967"',
+    "meta l4proto tcp reject with tcp reset",
+    "reject",
+]
+
+
+def test_portfw_batches_write_what_libnftables_writes(gw):
+    """The same PORTFW transaction (chains, every rule shape, both maps of each family,
+    then a rewrite and a removal) written by masqd.portfw_batch and by libnftables
+    lists the same, line by line, counters and comments included; and the kernel's
+    own dump of every rule (its expressions as the kernel holds them: registers,
+    byte order, NAT flags; its comment) is byte for byte the same."""
     out = run_in(gw, """
         import subprocess
-        from masqd import element_batch
+        from masqd import nfnetlink, portfw_batch
+        from masqd.nft import LibNftables
+        def kernel_rules():
+            with nfnetlink.Dumper() as dumper:
+                parts = dumper.dump(nfnetlink.NFT_MSG_GETRULE, [(nfnetlink.NFTA_RULE_TABLE, b"masqd\\0")])
+            rules = [nfnetlink.attributes(part) for part in parts]
+            return sorted([(r.get(nfnetlink.NFTA_RULE_CHAIN) or b"").hex(),
+                           (r.get(nfnetlink.NFTA_RULE_EXPRESSIONS) or b"").hex(),
+                           (r.get(nfnetlink.NFTA_RULE_USERDATA) or b"").hex()] for r in rules)
+        rules = %r
+        chains = [render.Chain("pf_%%016x" %% i, None, (rule,)) for i, rule in enumerate(rules)]
+        steps = [render.Transaction(
+            [render.Op("add", "chain", c.name, c) for c in chains]
+            + [render.Op("add", "rule", c.name, r) for c in chains for r in c.rules]
+            + [render.Op("add", "element", "portfw_v4", [("198.51.100.1 . tcp . %%d" %% i, "goto " + c.name)
+                                                          for i, c in enumerate(chains)]),
+               render.Op("add", "element", "portfw_v6", [("2001:db8::1 . udp . 53", "goto " + chains[3].name)]),
+               render.Op("add", "element", "portfw_direct_v4", [("203.0.113.1 . tcp . 80", "10.16.0.30 . 8080")]),
+               render.Op("add", "element", "portfw_direct_v6", [("2001:db8::2 . tcp . 443", "fd00::2 . 443")])]),
+            render.Transaction([render.Op("flush", "chain", chains[0].name, None)]
+                               + [render.Op("add", "rule", chains[0].name, r) for r in rules[1:3]]
+                               + [render.Op("delete", "element", "portfw_v4", ["198.51.100.1 . tcp . 6"]),
+                                  render.Op("delete", "chain", chains[6].name, None)])]
+        listings = {}
+        for how in ("batch", "libnftables"):
+            nft = LibNftables()
+            nft.apply(render.full_sync(render.render({})))
+            for step in steps:
+                assert portfw_batch.batch_ops(step) is not None
+                nft.apply(step) if how == "batch" else nft._run(step)
+                listings.setdefault(how, []).append(subprocess.run(["nft", "list", "table", "inet", "masqd"],
+                                                                   capture_output=True, text=True).stdout)
+                listings.setdefault(how + " rules", []).append(kernel_rules())
+        print(json.dumps(listings))
+    """ % RULE_SHAPES)
+    assert out["batch"] == out["libnftables"]
+    assert out["batch rules"] == out["libnftables rules"] and len(out["batch rules"][0]) > 10
+    assert 'comment "phase 3"' in out["batch"][0] and "reject with tcp reset" in out["batch"][0]
+    assert "pf_0000000000000006" not in out["batch"][1]
+
+
+def test_refused_portfw_batch_changes_nothing(gw):
+    """A PORTFW batch the kernel refuses (here: the last of its deletions names a key
+    that is not there) commits nothing: not its new chain, not one of its elements."""
+    out = run_in(gw, """
+        import subprocess
+        from masqd import portfw_batch
         from masqd.nft import LibNftables, NftError
         nft = LibNftables()
         nft.apply(render.full_sync(render.render({})))
@@ -378,7 +436,7 @@ def test_refused_element_batch_takes_its_new_chains_back(gw):
             render.Op("delete", "element", "portfw_direct_v4",
                       ["198.51.100.1 . tcp . %d" % p for p in range(1, 3001)] + ["198.51.100.1 . tcp . 9"]),
             render.Op("add", "element", "portfw_v4", [("198.51.100.2 . tcp . 80", "goto " + chain.name)])])
-        assert element_batch.split(bad) is not None
+        assert portfw_batch.batch_ops(bad) is not None
         try:
             nft.apply(bad)
             refused = None
@@ -391,14 +449,14 @@ def test_refused_element_batch_takes_its_new_chains_back(gw):
 
 
 def test_events_off_for_own_batches_and_foreign_commits_still_checked(gw):
-    """The ruleset monitor drops its subscription for the agent's own large element
+    """The ruleset monitor drops its subscription for the agent's own large PORTFW
     batch (RulesetMonitor.events_off): no events, no verification for that batch alone;
     a commit by another program inside that window moves the generation by more than
     one, and the monitor's thread then runs the comparison (as after an overflow)."""
     out = run_in(gw, """
         import subprocess, threading
         from masqd.nft import LibNftables
-        from masqd.element_batch import ElementWriter
+        from masqd.portfw_batch import BatchWriter
         from masqd.watchers.ruleset import RulesetMonitor
         nft = LibNftables()
         nft.apply(render.full_sync(render.render({})))
@@ -409,9 +467,9 @@ def test_events_off_for_own_batches_and_foreign_commits_still_checked(gw):
             done.set()
         monitor = RulesetMonitor(lambda report: verified.append("drift"), on_verify, verify_interval=0)
         assert monitor.start()
-        writer = ElementWriter()
+        writer = BatchWriter()
         def batch(port):
-            return [render.Op("add", "element", "portfw_direct_v4", [("198.51.100.1 . tcp . %d" % port, "10.16.0.27 . 80")])]
+            return [(render.Op("add", "element", "portfw_direct_v4", [("198.51.100.1 . tcp . %d" % port, "10.16.0.27 . 80")]), None)]
         events = monitor.events
         with monitor.events_off(writer.generation):
             writer.commit(batch(1))

@@ -111,7 +111,8 @@ def rule_comment(attrs: Dict[int, bytes]) -> str:
     return comment
 
 
-def _attr(kind: int, value: bytes) -> bytes:
+def attr(kind: int, value: bytes) -> bytes:
+    """One netlink attribute, padded to 4 bytes (NLA_F_NESTED in `kind` for a nest)."""
     raw = struct.pack("=HH", 4 + len(value), kind) + value
     return raw + b"\0" * (-len(raw) % 4)
 
@@ -152,7 +153,7 @@ class Dumper:
 
     def _request(self, msg_type: int, flags: int, attrs: List[Tuple[int, bytes]]) -> bytes:
         self.seq += 1
-        payload = struct.pack("=BBH", NFPROTO_INET, 0, 0) + b"".join(_attr(k, v) for k, v in attrs)
+        payload = struct.pack("=BBH", NFPROTO_INET, 0, 0) + b"".join(attr(k, v) for k, v in attrs)
         return struct.pack("=IHHII", 16 + len(payload), (NFNL_SUBSYS_NFTABLES << 8) | msg_type,
                            flags, self.seq, 0) + payload
 
@@ -269,8 +270,8 @@ class Dumper:
             chunk = keys[start:start + batch]
             first = self.seq + 1
             self.sock.send(b"".join(self._request(NFT_MSG_GETSETELEM, NLM_F_REQUEST, head + [(
-                NFTA_SET_ELEM_LIST_ELEMENTS | NLA_F_NESTED, _attr(NFTA_LIST_ELEM | NLA_F_NESTED, _attr(
-                    NFTA_SET_ELEM_KEY | NLA_F_NESTED, _attr(NFTA_DATA_VALUE, key))))]) for key in chunk))
+                NFTA_SET_ELEM_LIST_ELEMENTS | NLA_F_NESTED, attr(NFTA_LIST_ELEM | NLA_F_NESTED, attr(
+                    NFTA_SET_ELEM_KEY | NLA_F_NESTED, attr(NFTA_DATA_VALUE, key))))]) for key in chunk))
             answered = 0
             while answered < len(chunk):
                 data = memoryview(self.sock.recv(RECV_SIZE))

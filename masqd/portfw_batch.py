@@ -16,7 +16,8 @@ chains, any other rule or map) leaves the whole transaction to libnftables
 pyroute2's nftables messages encode in pure Python per attribute, about ten times
 slower than the struct packing here, so they do not serve for 100,000 elements. The
 expressions are the ones `nft --debug=netlink` shows nft emitting for the same rule
-text; a lab test compares the listings of tables written both ways. Layouts:
+text; a lab test compares the listings of tables written both ways and the kernel's
+own dump of every rule, byte for byte. Layouts:
 linux/netfilter/nf_tables.h, linux/netfilter/nfnetlink.h.
 """
 
@@ -28,10 +29,12 @@ import struct
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from masqd import render
-from masqd.nfnetlink import (NETLINK_NETFILTER, attributes, NFNL_SUBSYS_NFTABLES, NFPROTO_INET, NFTA_DATA_VALUE,
-                             NFTA_LIST_ELEM, NFTA_SET_ELEM_KEY, NFTA_SET_ELEM_LIST_ELEMENTS,
-                             NFTA_SET_ELEM_LIST_SET, NFTA_SET_ELEM_LIST_TABLE, NLA_F_NESTED, NLM_F_REQUEST,
-                             NLMSG_ERROR, PROTOCOL_NUMBERS)
+from masqd.nfnetlink import (NETLINK_NETFILTER, NFNL_SUBSYS_NFTABLES, NFPROTO_INET, NFTA_CHAIN_NAME, NFTA_CHAIN_TABLE,
+                             NFTA_DATA_VALUE, NFTA_EXPR_DATA, NFTA_EXPR_NAME, NFTA_LIST_ELEM, NFTA_RULE_CHAIN,
+                             NFTA_RULE_EXPRESSIONS, NFTA_RULE_TABLE, NFTA_RULE_USERDATA, NFTA_SET_ELEM_KEY,
+                             NFTA_SET_ELEM_LIST_ELEMENTS, NFTA_SET_ELEM_LIST_SET, NFTA_SET_ELEM_LIST_TABLE,
+                             NFTNL_UDATA_RULE_COMMENT, NLA_F_NESTED, NLM_F_REQUEST, NLMSG_ERROR, PROTOCOL_NUMBERS,
+                             attr, attributes)
 
 # The maps whose elements this module writes: every PORTFW key, nothing else.
 MAPS = frozenset(("portfw_v4", "portfw_v6", "portfw_direct_v4", "portfw_direct_v6"))
@@ -39,10 +42,6 @@ MAPS = frozenset(("portfw_v4", "portfw_v6", "portfw_direct_v4", "portfw_direct_v
 NFNL_MSG_BATCH_BEGIN, NFNL_MSG_BATCH_END = 0x10, 0x11
 NFT_MSG_NEWCHAIN, NFT_MSG_DELCHAIN, NFT_MSG_NEWRULE, NFT_MSG_DELRULE = 3, 5, 6, 8
 NFT_MSG_NEWSETELEM, NFT_MSG_DELSETELEM, NFT_MSG_NEWGEN, NFT_MSG_GETGEN = 12, 14, 15, 16
-NFTA_CHAIN_TABLE, NFTA_CHAIN_NAME = 1, 3
-NFTA_RULE_TABLE, NFTA_RULE_CHAIN, NFTA_RULE_EXPRESSIONS, NFTA_RULE_USERDATA = 1, 2, 4, 7
-NFTNL_UDATA_RULE_COMMENT = 0
-NFTA_EXPR_NAME, NFTA_EXPR_DATA = 1, 2
 NFTA_GEN_ID = 1
 GENERATION_TIMEOUT = 5.0  # seconds for the kernel's answer to GETGEN
 NLM_F_ACK, NLM_F_CREATE, NLM_F_APPEND = 0x4, 0x400, 0x800
@@ -51,6 +50,7 @@ NFTA_DATA_VERDICT = 2
 NFTA_VERDICT_CODE, NFTA_VERDICT_CHAIN = 1, 2
 NFT_GOTO = -4
 SOL_NETLINK, NETLINK_CAP_ACK = 270, 10
+SO_SNDBUFFORCE, SO_RCVBUFFORCE = 32, 33
 MESSAGE_ELEMENTS = 60000  # bytes of elements per message: the list's nla_len is 16 bits
 QUIET_AFTER = 10000  # elements, chains and rules: larger batches run with the ruleset monitor's events off
 
@@ -59,12 +59,11 @@ class BatchError(Exception):
     """The kernel refused the batch (nothing of it was committed) or its answer was lost."""
 
 
-def _nla(kind: int, payload: bytes) -> bytes:
-    return struct.pack("=HH", 4 + len(payload), kind) + payload + b"\0" * (-len(payload) % 4)
+_nla = attr
 
 
 def _nest(kind: int, payload: bytes) -> bytes:
-    return struct.pack("=HH", 4 + len(payload), kind | NLA_F_NESTED) + payload
+    return attr(kind | NLA_F_NESTED, payload)
 
 
 class Encoder:
@@ -245,6 +244,16 @@ def batch_ops(txn: render.Transaction) -> Optional[List[Tuple[render.Op, Optiona
     return out or None
 
 
+def _buffer(sock: socket.socket, option: int, force: int, size: int) -> None:
+    """A socket buffer of at least `size` bytes (and 256 KiB): beyond the sysctl's
+    maximum with CAP_NET_ADMIN (the agent has it), else as far as the maximum goes."""
+    size = max(size, 1 << 18)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, force, size)
+    except PermissionError:
+        sock.setsockopt(socket.SOL_SOCKET, option, size)
+
+
 class BatchWriter:
     """One NETLINK_NETFILTER socket that commits PORTFW batches (not thread-safe: the
     Service applies one transaction at a time)."""
@@ -263,22 +272,23 @@ class BatchWriter:
         messages of at most MESSAGE_ELEMENTS bytes, END. Only the last message before
         END asks for an ack: the kernel answers every failed message anyway."""
         body: List[Tuple[int, int, bytes]] = []  # (message type, flags, attributes)
-        table = _nla(NFTA_SET_ELEM_LIST_TABLE, render.TABLE.encode() + b"\0")  # attribute 1 in all of them
+        table = render.TABLE.encode() + b"\0"
         encoder = Encoder()
         for op, rule in ops:
             name = op.name.encode() + b"\0"
             if op.kind == "rule":
                 body.append((NFT_MSG_NEWRULE, NLM_F_CREATE | NLM_F_APPEND,
-                             table + _nla(NFTA_RULE_CHAIN, name) + (rule or b"")))
+                             _nla(NFTA_RULE_TABLE, table) + _nla(NFTA_RULE_CHAIN, name) + (rule or b"")))
             elif op.kind == "chain":
+                chain = _nla(NFTA_CHAIN_TABLE, table) + _nla(NFTA_CHAIN_NAME, name)
                 if op.verb == "add":
-                    body.append((NFT_MSG_NEWCHAIN, NLM_F_CREATE, table + _nla(NFTA_CHAIN_NAME, name)))
+                    body.append((NFT_MSG_NEWCHAIN, NLM_F_CREATE, chain))
                 elif op.verb == "delete":
-                    body.append((NFT_MSG_DELCHAIN, 0, table + _nla(NFTA_CHAIN_NAME, name)))
+                    body.append((NFT_MSG_DELCHAIN, 0, chain))
                 else:  # flush: every rule of the chain
-                    body.append((NFT_MSG_DELRULE, 0, table + _nla(NFTA_RULE_CHAIN, name)))
+                    body.append((NFT_MSG_DELRULE, 0, _nla(NFTA_RULE_TABLE, table) + _nla(NFTA_RULE_CHAIN, name)))
             else:
-                head = table + _nla(NFTA_SET_ELEM_LIST_SET, name)
+                head = _nla(NFTA_SET_ELEM_LIST_TABLE, table) + _nla(NFTA_SET_ELEM_LIST_SET, name)
                 if op.verb == "add":
                     msg_type, flags, encoded = NFT_MSG_NEWSETELEM, NLM_F_CREATE, encoder.elements(op.arg)
                 else:
@@ -341,14 +351,17 @@ class BatchWriter:
         parts = self.messages(ops)
         payload = b"".join(parts)
         first, last = self.seq - len(parts) + 2, self.seq - 1  # the messages between BEGIN and END
-        self.sock.setsockopt(socket.SOL_SOCKET, 32, max(len(payload) + 65536, 1 << 18))  # SO_SNDBUFFORCE
-        # Room for an error answer to every message (a refused batch may fail many).
-        self.sock.setsockopt(socket.SOL_SOCKET, 33, max((len(parts) << 10) + 65536, 1 << 18))  # SO_RCVBUFFORCE
-        self._drain()
-        if alongside is not None:
-            alongside.start()
-        # The kernel runs the whole batch inside this call: its answers are queued on return.
-        self.sock.sendto(payload, (0, 0))
+        try:
+            _buffer(self.sock, socket.SO_SNDBUF, SO_SNDBUFFORCE, len(payload) + 65536)
+            # Room for an error answer to every message (a refused batch may fail many).
+            _buffer(self.sock, socket.SO_RCVBUF, SO_RCVBUFFORCE, (len(parts) << 10) + 65536)
+            self._drain()
+            if alongside is not None:
+                alongside.start()
+            # The kernel runs the whole batch inside this call: its answers are queued on return.
+            self.sock.sendto(payload, (0, 0))
+        except OSError as exc:  # EMSGSIZE: a buffer it could not have; nothing was committed
+            raise BatchError("could not send a PORTFW batch of %d bytes: %s" % (len(payload), exc)) from None
         errors: Dict[int, int] = {}
         acked = False
         try:

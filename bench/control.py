@@ -124,7 +124,8 @@ def run(quick=False, keys=100000):
             "raw": {"in_process": inproc, "socket_add_s": add, "socket_delete_s": delete,
                     "socket_list_s": listing["list_s"], "socket_list_during_adds_s": listing["list_during_adds_s"],
                     "add_during_list_s": listing["add_s"],
-                    "socket_set_s": reference["socket_set_s"], "nft_f_s": reference["nft_f_s"]},
+                    "socket_set_s": reference["socket_set_s"], "nft_f_s": reference["nft_f_s"],
+                    "rss_after_socket_set_kib": reference["rss_after_set_kib"]},
             "summary": summary, "targets": targets}
 
 
@@ -194,7 +195,8 @@ def _against_nft_f(lab, agent, work, keys, repeats):
         _profiled_set(agent, c, entries, os.path.join(PROFILES, "pyspy_socket_set_%d.txt" % keys))
     return {"socket_set_s": socket_set, "nft_f_s": nft_f,
             "socket_set_median_s": median(socket_set), "nft_f_median_s": median(nft_f),
-            "set_peak_rss_mib": max(peak_kib) / 1024, "rss_after_set_mib": after_kib[-1] / 1024}
+            "set_peak_rss_mib": max(peak_kib) / 1024, "rss_after_set_mib": after_kib[-1] / 1024,
+            "rss_after_set_kib": after_kib}
 
 
 def _profiled_set(agent, client, entries, out):

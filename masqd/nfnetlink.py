@@ -6,7 +6,8 @@ The kernel's own messages rather than libnftables' listing serve the ruleset wat
 sets, objects, rules and set elements. libnftables' `list table`
 builds every object of the table as JSON or text first: 4 s for a map of 100,000
 elements on nftables 1.0.6, where the dump of that map and its decoding here take
-about 0.8 s. Writes stay with libnftables. Layouts: linux/netfilter/nf_tables.h and
+about 0.8 s. Writes: libnftables, and masqd.portfw_batch for PORTFW transactions (it
+uses the attribute names and `attr` here). Layouts: linux/netfilter/nf_tables.h and
 linux/netlink.h; pyroute2's nftables module reads only the first message of an
 element dump (0.9.7), so it does not serve for large maps.
 """

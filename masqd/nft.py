@@ -2,14 +2,19 @@
 
 Both offer the same interface, which masqd.service.Service uses:
   apply(txn, dry_run=False)  one atomic transaction; raises NftError(kernel message)
+                             (LibNftables: a PORTFW transaction as masqd.portfw_batch's
+                             netlink batch, anything else through libnftables)
+  generation()               the ruleset's generation; `committed_generation` is the one
+                             right after this backend's last commit (None: unknown)
   read_counters(direct_keys=None, counted_chains=None)
                              (rule counters {chain: [packets, ...]},
                               element counters {map: {key text: packets}})
   read_elements(names)       {map: {key text: {"value": text, "expires": seconds}}} of
                              timed maps (the AUTOFW recipients the kernel expires)
-  read_table()               KernelTable: what a full re-sync carries over (rule
+  read_table(shape=True)     KernelTable: what a full re-sync carries over (rule
                              counters and phase comments, timed elements) and the
-                             table's shape (for drift verification); None if absent
+                             table's shape (for drift verification; element counts
+                             only with `shape`); None if absent
 """
 
 import contextlib
@@ -112,9 +117,11 @@ class LibNftables:
             events_off = _events_on
         try:
             with events_off(self._batches.generation):
-                self._batches.commit(ops, alongside)
+                sent = self._batches.commit(ops, alongside)
         except portfw_batch.BatchError as exc:
             raise NftError(str(exc)) from None
+        if sent > TRIM_AFTER and self._malloc_trim is not None:
+            self._malloc_trim(0)  # the batch's ~100,000 encoded pieces, freed
 
     def _run(self, txn: render.Transaction, dry_run: bool = False, alongside: Any = None) -> None:
         """One transaction through libnftables."""

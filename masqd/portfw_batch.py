@@ -344,9 +344,9 @@ class BatchWriter:
         finally:
             self.sock.settimeout(None)
 
-    def commit(self, ops: Sequence[Tuple[render.Op, Optional[bytes]]], alongside: Any = None) -> None:
-        """Send batch_ops' `ops` as one batch; BatchError if the kernel refused it
-        (then none of it is in). `alongside.start()` is called once the batch is
+    def commit(self, ops: Sequence[Tuple[render.Op, Optional[bytes]]], alongside: Any = None) -> int:
+        """Send batch_ops' `ops` as one batch and return its size in bytes; BatchError
+        if the kernel refused it (then none of it is in). `alongside.start()` is called once the batch is
         encoded, as the kernel's work (without the GIL) begins."""
         parts = self.messages(ops)
         payload = b"".join(parts)
@@ -385,6 +385,7 @@ class BatchWriter:
             raise BatchError("the kernel refused the change: %s" % os.strerror(errors[min(errors)]))
         if not acked:
             raise BatchError("the kernel did not answer a PORTFW batch")
+        return len(payload)
 
     def _drain(self) -> None:
         """Answers left over from an earlier batch that raised."""

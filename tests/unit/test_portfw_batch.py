@@ -63,8 +63,8 @@ def u32(value):
 def test_a_cascade_rule_is_nfts_expressions():
     exprs, userdata = expressions(portfw_batch.rule_attrs(
         'meta l4proto udp numgen inc mod 20 < 15 counter dnat ip6 to [fd00::1]:443 comment "phase 3"'))
-    assert [name for name, _attrs in exprs] == ["meta", "cmp", "numgen", "byteorder", "cmp", "counter", "immediate",
-                                                 "immediate", "nat"]
+    names = ["meta", "cmp", "numgen", "byteorder", "cmp", "counter", "immediate", "immediate", "nat"]
+    assert [name for name, _attrs in exprs] == names
     assert nfnetlink.attributes(exprs[1][1][portfw_batch.NFTA_CMP_DATA])[1] == bytes((17,))
     assert exprs[2][1][portfw_batch.NFTA_NG_MODULUS] == u32(20)
     assert exprs[4][1][portfw_batch.NFTA_CMP_OP] == u32(portfw_batch.NFT_CMP_LT)
@@ -172,14 +172,14 @@ def test_generated_elements_read_back_and_messages_stay_under_the_nla_limit(item
 def test_generated_cascade_rules_encode_their_values(address, port, proto, modulus, below, phase):
     v6 = ":" in address
     target = "[%s]:%d" % (address, port) if v6 else "%s:%d" % (address, port)
-    text = "meta l4proto %s numgen inc mod %d < %d counter dnat %s to %s" % (proto, modulus, below,
-                                                                            "ip6" if v6 else "ip", target)
+    family = "ip6" if v6 else "ip"
+    text = "meta l4proto %s numgen inc mod %d < %d counter dnat %s to %s" % (proto, modulus, below, family, target)
     if phase is not None:
         text += ' comment "phase %d"' % phase
     exprs, userdata = expressions(portfw_batch.rule_attrs(text))
     assert exprs[2][1][portfw_batch.NFTA_NG_MODULUS] == u32(modulus)
     assert nfnetlink.attributes(exprs[4][1][portfw_batch.NFTA_CMP_DATA])[1] == u32(below)
-    assert nfnetlink.attributes(exprs[6][1][2])[1] == socket.inet_pton(socket.AF_INET6 if v6 else socket.AF_INET,
-                                                                        address)
+    raw = socket.inet_pton(socket.AF_INET6 if v6 else socket.AF_INET, address)
+    assert nfnetlink.attributes(exprs[6][1][2])[1] == raw
     assert nfnetlink.attributes(exprs[7][1][2])[1] == port.to_bytes(2, "big")
     assert userdata == (None if phase is None else bytes((0, len("phase %d" % phase) + 1)) + b"phase %d\0" % phase)

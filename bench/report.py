@@ -31,7 +31,15 @@ GAPS = {
         "walk; not done."),
     "RSS at": (
         "After a whole-table socket `set` the agent's RSS stays above the size of the loaded "
-        "table: the request's parsed objects leave Python's allocator fragmented."),
+        "table: the request's parsed objects and the batch's ~100,000 encoded pieces leave "
+        "Python's allocator fragmented (glibc's heap is trimmed after the batch and after the "
+        "reply). The same set through libnftables settles ~15 MiB lower (154 MiB, measured "
+        "2026-12-06) but peaks ~200 MiB higher."),
+    "new connections/s at": (
+        "Run to run this ratio moved between 0.90 and 1.02 on 2026-12-06 (four runs; "
+        "`python -m bench.run --only million`). A routed connection crosses the same prerouting "
+        "map lookups (they miss), so a cost of the map's size alone would cancel out; what only "
+        "the PORTFW flow pays is the hit: the element's counter and the NAT. Not explained yet."),
     "peak RSS during": (
         "The request's text and parsed objects and the canonical entries are alive at once "
         "(the elements no longer pass through libnftables)."),
@@ -474,7 +482,7 @@ def million_section(doc):
             ("socket `set` as a multiple of `nft -f`", f(s["socket_set_x_nft_f"], "%.2f") + "x"),
             ("agent RSS: peak during the set / settled after it",
              "%s / %s MiB" % (f(s["set_peak_rss_mib"], "%.0f"), f(s["rss_after_set_mib"], "%.0f"))),
-            ("full re-syncs the set fell back to (0: the element batch took it)", s.get("full_syncs_during_set")),
+            ("full re-syncs the set fell back to (0: the PORTFW batch took it)", s.get("full_syncs_during_set")),
             ("restart with the keys stored, until the socket answers (one libnftables transaction) / "
              "as a multiple of `nft -f`", "%s s / %sx" % (f(s["restart_s"], "%.1f"), f(s["restart_x_nft_f"], "%.2f"))),
             ("agent RSS: peak during that restart / after it",

@@ -36,10 +36,11 @@ GAPS = {
         "reply). The same set through libnftables settles ~15 MiB lower (154 MiB, measured "
         "2026-12-06) but peaks ~200 MiB higher."),
     "new connections/s at": (
-        "Run to run this ratio moved between 0.90 and 1.02 on 2026-12-06 (four runs; "
-        "`python -m bench.run --only million`). A routed connection crosses the same prerouting "
-        "map lookups (they miss), so a cost of the map's size alone would cancel out; what only "
-        "the PORTFW flow pays is the hit: the element's counter and the NAT. Not explained yet."),
+        "Over the four runs of 2026-12-06 on a settled machine this ratio was 1.02, 0.99, 0.90 "
+        "and 0.87 (`python -m bench.run --only million`); in the last two the routed flow was "
+        "faster at a million keys than at 10 (it crosses the same prerouting map lookups, which "
+        "miss), and the PORTFW flow 6-9% slower. What only the PORTFW flow pays is the hit: the "
+        "element's counter and the NAT. Not explained yet; more rounds would tell noise from cost."),
     "peak RSS during": (
         "The request's text and parsed objects and the canonical entries are alive at once "
         "(the elements no longer pass through libnftables)."),

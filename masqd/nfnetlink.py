@@ -112,6 +112,15 @@ def rule_comment(attrs: Dict[int, bytes]) -> str:
     return comment
 
 
+def headers(data: bytes) -> Iterator[Tuple[int, int, int, int]]:
+    """(offset, length, type, seq) of each netlink message in one datagram."""
+    offset = 0
+    while offset + 20 <= len(data):
+        length, mtype, _flags, seq, _pid = struct.unpack_from("=IHHII", data, offset)
+        yield offset, length, mtype, seq
+        offset += (max(length, 20) + 3) & ~3
+
+
 def attr(kind: int, value: bytes) -> bytes:
     """One netlink attribute, padded to 4 bytes (NLA_F_NESTED in `kind` for a nest)."""
     raw = struct.pack("=HH", 4 + len(value), kind) + value

@@ -76,7 +76,6 @@ class LibNftables:
         self._set_dry_run = lib.nft_ctx_set_dry_run
         self._set_dry_run.argtypes = [ctypes.c_void_p, ctypes.c_bool]
         self._ctx = self._nft._Nftables__ctx  # pip-nftables does not wrap dry run
-        self._malloc_trim = _malloc_trim()
         self._batches = portfw_batch.BatchWriter()
         # RulesetMonitor.events_off, when a monitor runs (masqd.daemon sets it)
         self.events_off: Optional[Callable[[Callable[[], int]], Any]] = None
@@ -120,8 +119,8 @@ class LibNftables:
                 sent = self._batches.commit(ops, alongside)
         except portfw_batch.BatchError as exc:
             raise NftError(str(exc)) from None
-        if sent > TRIM_AFTER and self._malloc_trim is not None:
-            self._malloc_trim(0)  # the batch's ~100,000 encoded pieces, freed
+        if sent > TRIM_AFTER:
+            trim_heap()  # the batch's ~100,000 encoded pieces, freed
 
     def _run(self, txn: render.Transaction, dry_run: bool = False, alongside: Any = None) -> None:
         """One transaction through libnftables."""
@@ -135,11 +134,11 @@ class LibNftables:
             rc, _out, err = self._nft.cmd(text)
         finally:
             self._set_dry_run(self._ctx, False)
-            if len(text) > TRIM_AFTER and self._malloc_trim is not None:
+            if len(text) > TRIM_AFTER:
                 # libnftables parses a 100,000-element transaction into ~250 MB of
                 # small allocations; freed, they stay in glibc's heap (RSS) unless
                 # trimmed. ~10 ms, only after whole-table transactions.
-                self._malloc_trim(0)
+                trim_heap()
         if rc != 0:
             raise NftError(_first_error(err))
 
@@ -337,12 +336,14 @@ def _malloc_trim() -> Optional[Callable[[int], int]]:
     return trim
 
 
+_MALLOC_TRIM = _malloc_trim()
+
+
 def trim_heap() -> None:
     """Hand glibc's free heap memory back to the system: after a large request, list
     or transaction its many freed objects would otherwise stay in the agent's RSS."""
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
 
 
 def _timed_item(item: Any) -> Tuple[str, Tuple[Optional[str], Optional[int], Optional[int]]]:

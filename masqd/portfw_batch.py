@@ -34,7 +34,7 @@ from masqd.nfnetlink import (NETLINK_NETFILTER, NFNL_SUBSYS_NFTABLES, NFPROTO_IN
                              NFTA_RULE_EXPRESSIONS, NFTA_RULE_TABLE, NFTA_RULE_USERDATA, NFTA_SET_ELEM_KEY,
                              NFTA_SET_ELEM_LIST_ELEMENTS, NFTA_SET_ELEM_LIST_SET, NFTA_SET_ELEM_LIST_TABLE,
                              NFTNL_UDATA_RULE_COMMENT, NLA_F_NESTED, NLM_F_REQUEST, NLMSG_ERROR, PROTOCOL_NUMBERS,
-                             attr, attributes)
+                             attr, attributes, headers)
 
 # The maps whose elements this module writes: every PORTFW key, nothing else.
 MAPS = frozenset(("portfw_v4", "portfw_v6", "portfw_direct_v4", "portfw_direct_v6"))
@@ -330,9 +330,7 @@ class BatchWriter:
         try:
             while True:
                 data = self.sock.recv(1 << 16)
-                offset = 0
-                while offset + 20 <= len(data):
-                    length, mtype, _flags, seq, _pid = struct.unpack_from("=IHHII", data, offset)
+                for offset, length, mtype, seq in headers(data):
                     if seq == self.seq and mtype == NLMSG_ERROR:
                         code = -struct.unpack_from("=i", data, offset + 16)[0]
                         raise OSError(code, os.strerror(code))
@@ -340,14 +338,13 @@ class BatchWriter:
                         gen_id = attributes(data[offset + 20:offset + length]).get(NFTA_GEN_ID)
                         if gen_id is not None:
                             return struct.unpack(">I", gen_id)[0]
-                    offset += (max(length, 20) + 3) & ~3
         finally:
             self.sock.settimeout(None)
 
     def commit(self, ops: Sequence[Tuple[render.Op, Optional[bytes]]], alongside: Any = None) -> int:
         """Send batch_ops' `ops` as one batch and return its size in bytes; BatchError
-        if the kernel refused it (then none of it is in). `alongside.start()` is called once the batch is
-        encoded, as the kernel's work (without the GIL) begins."""
+        if the kernel refused it (then none of it is in). `alongside.start()` is
+        called once the batch is encoded, as the kernel's work (without the GIL) begins."""
         parts = self.messages(ops)
         payload = b"".join(parts)
         first, last = self.seq - len(parts) + 2, self.seq - 1  # the messages between BEGIN and END
@@ -367,16 +364,13 @@ class BatchWriter:
         try:
             while True:
                 data = self.sock.recv(1 << 16, socket.MSG_DONTWAIT)
-                offset = 0
-                while offset + 20 <= len(data):
-                    length, mtype, _flags, seq, _pid = struct.unpack_from("=IHHII", data, offset)
+                for offset, _length, mtype, seq in headers(data):
                     if mtype == NLMSG_ERROR and first <= seq <= last:
                         code = -struct.unpack_from("=i", data, offset + 16)[0]
                         if code:
                             errors[seq] = code
                         elif seq == last:
                             acked = True
-                    offset += (max(length, 20) + 3) & ~3
         except BlockingIOError:
             pass
         except OSError as exc:  # ENOBUFS: answers lost, the outcome is unknown

@@ -6,8 +6,9 @@
     daemon's socket (what masqctl and the modules see);
   - daemon cold start with 100,000 stored keys (load + full re-sync) and its RSS;
   - a 5,000-key `set` through the socket, and whether a full-table `set` fits one request;
-  - a socket `list` of the whole table (runtime counters included), and single-key
-    adds from a second connection while it runs (reads never block writers);
+  - a socket `list` of the whole table (runtime counters included), streamed as
+    masqctl asks for it and as one reply, and single-key adds from a second connection
+    while a streamed one runs (reads never block writers);
   - a socket `set` of the whole table and the daemon's start, each against the kernel's
     own cost for the same table: `nft -f` of it (issue "Control plane at the kernel's
     pace": targets 1.5x; reported, not yet met).
@@ -90,6 +91,7 @@ def run(quick=False, keys=100000):
         "daemon_rss_after_ops_mib": rss_after / 1024,
         "socket_flush_s": flush_s,
         "socket_list_s": listing["list_s"],
+        "socket_list_one_reply_s": listing["list_whole_s"],
         "socket_list_during_adds_s": listing["list_during_adds_s"],
         "add_one_during_list_median_ms": median(listing["add_s"]) * 1e3 if listing["add_s"] else None,
         "adds_during_list": len(listing["add_s"]),
@@ -112,7 +114,7 @@ def run(quick=False, keys=100000):
         # The issue "Control plane at the kernel's pace".
         "socket set of %d keys <= 1.5x nft -f of the same table" % keys: summary["socket_set_x_nft_f"] <= 1.5,
         "start with %d keys <= 1.5x nft -f" % keys: summary["daemon_start_x_nft_f"] <= 1.5,
-        "list of %d keys <= 1 s" % keys: listing["list_s"] <= 1.0,
+        "list of %d keys <= 1 s (streamed)" % keys: listing["list_s"] <= 1.0,
         "one-key add while a list runs, median <= 25 ms": bool(listing["add_s"])
             and median(listing["add_s"]) * 1e3 <= 25,
         "RSS at %d keys <= 150 MiB (after start and single-key ops)" % keys: max(rss, rss_after) / 1024 <= 150,
@@ -138,13 +140,16 @@ def _list_while_writing(agent, limit=500):
     def long_list():
         with agent.client() as c:
             t0 = common.now()
-            listed["entries"] = len(c.request("list", table="portfw")["result"]["entries"])
+            listed["entries"] = len(c.request("list", table="portfw", stream=True)["result"]["entries"])
             listed["s"] = common.now() - t0
 
-    with agent.client() as c:  # alone first
-        t0 = common.now()
-        c.request("list", table="portfw")
-        alone = common.now() - t0
+    alone, whole = [], []
+    with agent.client() as c:  # alone first: streamed (as masqctl lists), and as one reply
+        for _round in range(3):
+            for stream, times in ((True, alone), (False, whole)):
+                t0 = common.now()
+                c.request("list", table="portfw", stream=stream)
+                times.append(common.now() - t0)
     reader = threading.Thread(target=long_list)
     adds = []
     with agent.client() as c:
@@ -160,9 +165,10 @@ def _list_while_writing(agent, limit=500):
                 break
             adds.append(took)
         reader.join(600)
-    log("control: list of %d keys %.2f s alone, %.2f s with %d adds meanwhile (median %.1f ms)",
-        listed.get("entries", -1), alone, listed.get("s", -1), len(adds), median(adds) * 1e3 if adds else -1)
-    return {"list_s": alone, "list_during_adds_s": listed["s"], "add_s": adds}
+    log("control: list of %d keys %.2f s alone streamed (%.2f s as one reply), %.2f s with %d adds meanwhile "
+        "(median %.1f ms)", listed.get("entries", -1), median(alone), median(whole), listed.get("s", -1), len(adds),
+        median(adds) * 1e3 if adds else -1)
+    return {"list_s": median(alone), "list_whole_s": median(whole), "list_during_adds_s": listed["s"], "add_s": adds}
 
 
 def _against_nft_f(lab, agent, work, keys, repeats):

@@ -264,8 +264,10 @@ def control_section(doc):
             ("agent RSS with the keys loaded / after the single-key ops",
              "%s / %s MiB" % (f(s["daemon_rss_mib"], "%.0f"), f(s["daemon_rss_after_ops_mib"], "%.0f"))),
             ("flush the table via socket", f(s["socket_flush_s"]) + " s"),
-            ("list the whole table via socket (runtime counters, reply decoded): alone / while keys are added",
-             "%s / %s s" % (f(s.get("socket_list_s")), f(s.get("socket_list_during_adds_s")))),
+            ("list the whole table via socket (runtime counters, reply decoded), streamed: alone / while keys "
+             "are added; as one reply, alone",
+             "%s / %s s; %s s" % (f(s.get("socket_list_s")), f(s.get("socket_list_during_adds_s")),
+                                  f(s.get("socket_list_one_reply_s")))),
             ("add one key via socket while that list runs (median, count)",
              "%s ms (%s adds)" % (f(s.get("add_one_during_list_median_ms"), "%.1f"), s.get("adds_during_list", "–"))),
             ("set 5,000 keys via socket (%d bytes)" % s["socket_set_5000_request_bytes"],

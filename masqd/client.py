@@ -9,6 +9,7 @@
 nothing answers on the socket.
 """
 
+import gc
 import json
 import os
 import select
@@ -120,11 +121,37 @@ class Client:
             self._connect()
         line = json.dumps(request, separators=(",", ":")).encode() + b"\n"
         try:
-            try:
-                self._sock.sendall(line)
-            except (BrokenPipeError, ConnectionResetError):
-                pass  # the agent may have answered (a refusal) and hung up: read it
-            reply = self._reader.readline(MAX_RESPONSE + 1)
+            self._sock.sendall(line)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the agent may have answered (a refusal) and hung up: read it
+        except OSError as exc:
+            self.close()
+            raise AgentUnavailable("connection to masqd at %s failed: %s" % (self.socket_path, exc)) from exc
+        # The collector paused while the reply is decoded: a 100,000-key list is as many
+        # dicts, and each collection their allocation sets off traverses everything the
+        # caller holds as well.
+        enabled = gc.isenabled()
+        gc.disable()
+        try:
+            envelope, received = self._read_envelope(MAX_RESPONSE)
+            while envelope.get("more") is True:  # a streamed reply (`stream`): the parts' entries, in order
+                part, size = self._read_envelope(MAX_RESPONSE - received)
+                received += size
+                if not all(e["ok"] and isinstance(e["result"].get("entries"), list) for e in (envelope, part)):
+                    self.close()
+                    raise AgentUnavailable("masqd at %s broke off a streamed reply" % self.socket_path)
+                envelope["result"]["entries"].extend(part["result"]["entries"])
+                envelope["more"] = part.get("more")
+        finally:
+            if enabled:
+                gc.enable()
+        envelope.pop("more", None)
+        return envelope
+
+    def _read_envelope(self, limit):
+        """(one envelope, the bytes of its line)."""
+        try:
+            reply = self._reader.readline(limit + 1)
         except OSError as exc:
             self.close()
             raise AgentUnavailable("connection to masqd at %s failed: %s" % (self.socket_path, exc)) from exc
@@ -140,7 +167,7 @@ class Client:
             self.close()
             raise AgentUnavailable("masqd at %s sent an answer that is not a masqd envelope: %.80s"
                                    % (self.socket_path, reply.decode("utf-8", "replace").strip()))
-        return envelope
+        return envelope, len(reply)
 
     def request(self, op, **args):
         """Run `op` with `args`; returns the envelope, raises MasqdError on ok: false."""

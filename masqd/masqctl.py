@@ -108,7 +108,7 @@ def run(argv, client_factory=Client, out=sys.stdout, err=sys.stderr, names=None)
             if command.verbose:
                 out.write(command.verbose + "\n")
             if command.listing:
-                result = client.request("list", table=command.listing)["result"]
+                result = client.request("list", table=command.listing, stream=True)["result"]
                 if as_json:
                     _print_json(result, out)
                 else:

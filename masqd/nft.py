@@ -21,13 +21,16 @@ import contextlib
 import copy
 import ctypes
 import json
+import re
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from masqd import nfnetlink, portfw_batch, render
 
-# The maps whose elements carry counters (render.BASE_MAPS): PORTFW keys with one target.
-DIRECT_MAPS = ("portfw_direct_v4", "portfw_direct_v6")
+# The maps whose elements carry counters (render.BASE_MAPS): PORTFW keys with one
+# target, in render.DIRECT_SHARDS maps per family; read_counters gives each family's
+# elements as one map, "portfw_direct_v4" and "portfw_direct_v6".
+DIRECT_MAPS = {family: render.direct_maps(family[-2:]) for family in ("portfw_direct_v4", "portfw_direct_v6")}
 
 
 class NftError(Exception):
@@ -265,8 +268,11 @@ class LibNftables:
 
     def read_counters(self, direct_keys: Optional[Callable[[str], List[bytes]]] = None,
                       counted_chains: Optional[Callable[[], List[str]]] = None,
-                      ) -> Tuple[Dict[str, List[int]], Dict[str, Dict[str, int]]]:
-        """By netlink dump of the rules and of the direct PORTFW maps (nfnetlink: 5x
+                      ) -> Tuple[Dict[str, List[int]], Dict[str, Dict[bytes, int]]]:
+        """(rule counters {chain: [packets, ...]}, element counters {family's direct map:
+        {key bytes (nfnetlink.address_proto_port_key): packets}}).
+
+        By netlink dump of the rules and of the direct PORTFW maps (nfnetlink: 5x
         less than libnftables' listing of the table at 100,000 keys); the listing when
         the dumps fail.
 
@@ -284,24 +290,25 @@ class LibNftables:
                     if counted_chains is None:
                         raise
                     rules = dumper.rule_counters(render.TABLE, counted_chains())
-                elements: Dict[str, Dict[str, int]] = {}
-                for name in DIRECT_MAPS:
-                    if direct_keys is None:
-                        got = dict(dumper.element_counters(render.TABLE, name))
-                    else:
-                        got = dict(dumper.element_counters(render.TABLE, name, attempts=1, partial=True))
+                elements: Dict[str, Dict[bytes, int]] = {}
+                for family, names in DIRECT_MAPS.items():
+                    got: Dict[bytes, int] = {}
+                    for name in names:
+                        if direct_keys is None:
+                            got.update(dumper.element_counters(render.TABLE, name))
+                            continue
+                        got.update(dumper.element_counters(render.TABLE, name, attempts=1, partial=True))
                         if dumper.interrupted:
                             got.update(dumper.element_packets(
                                 render.TABLE, name, [k for k in direct_keys(name) if k not in got]))
-                    text = nfnetlink.address_proto_port_text
-                    elements[name] = {text(key): packets for key, packets in got.items()}
+                    elements[family] = got
             return rules, elements
         except (OSError, nfnetlink.DumpInterrupted):  # table gone (ENOENT) or no netlink
             return self._listed_counters()
 
-    def _listed_counters(self) -> Tuple[Dict[str, List[int]], Dict[str, Dict[str, int]]]:
+    def _listed_counters(self) -> Tuple[Dict[str, List[int]], Dict[str, Dict[bytes, int]]]:
         rules: Dict[str, List[int]] = {}
-        elements: Dict[str, Dict[str, int]] = {}
+        elements: Dict[str, Dict[bytes, int]] = {}
         for obj in self.list_table() or []:
             if "rule" in obj:
                 rule = obj["rule"]
@@ -315,8 +322,13 @@ class LibNftables:
                     if isinstance(key, dict) and "elem" in key:
                         counter = key["elem"].get("counter")
                         if counter is not None:
-                            elements.setdefault(m["name"], {})[_key_text(key["elem"]["val"])] = counter["packets"]
+                            address, protocol, port = key["elem"]["val"]["concat"]
+                            elements.setdefault(m["name"].rpartition("_")[0], {})[
+                                nfnetlink.address_proto_port_key(address, protocol, port)] = counter["packets"]
         return rules, elements
+
+
+_CHAIN_TARGET = re.compile(r"(?:jump|goto) ([a-z0-9_]+)")  # FakeNft: the chains a rule refers to
 
 
 def _events_on(_generation: Callable[[], int]) -> Any:
@@ -445,8 +457,8 @@ class FakeNftables:
                 del chains[op.name]
         elif op.kind == "rule":
             self._need(chains, op.name)
-            if "jump " in op.arg or "goto " in op.arg:
-                self._need(chains, op.arg.split()[-1])
+            for target in _CHAIN_TARGET.findall(op.arg):
+                self._need(chains, target)
             chains[op.name] = chains[op.name]._replace(rules=chains[op.name].rules + (op.arg,))
         elif op.kind == "element":
             self._need(maps, op.name)
@@ -482,7 +494,7 @@ class FakeNftables:
         target = "goto " + name
         if any(target == v for elems in elements.values() for v in elems.values()):
             return True
-        return any(r.endswith("jump " + name) for c in chains.values() for r in c.rules)
+        return any(name in _CHAIN_TARGET.findall(r) for c in chains.values() for r in c.rules)
 
     def dump(self):
         if not self.exists:

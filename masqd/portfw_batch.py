@@ -1,6 +1,6 @@
 """nf_tables over netlink, write side: a PORTFW transaction as one nfnetlink batch.
 
-A PORTFW key is one element of `portfw_direct_*` (one target) or `portfw_*` (a goto
+A PORTFW key is one element of a `portfw_direct_*` shard (one target) or `portfw_*` (a goto
 into its cascade chain: one rule per backend). libnftables turns 100,000 such elements
 into ~210 MB and ~1 s of parsing and evaluation before the kernel spends ~0.4 s on
 them, and on nftables 1.0.6 it reads every chain of the namespace before any element
@@ -31,13 +31,13 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 from masqd import render
 from masqd.nfnetlink import (NETLINK_NETFILTER, NFNL_SUBSYS_NFTABLES, NFPROTO_INET, NFTA_CHAIN_NAME, NFTA_CHAIN_TABLE,
                              NFTA_DATA_VALUE, NFTA_EXPR_DATA, NFTA_EXPR_NAME, NFTA_LIST_ELEM, NFTA_RULE_CHAIN,
-                             NFTA_RULE_EXPRESSIONS, NFTA_RULE_TABLE, NFTA_RULE_USERDATA, NFTA_SET_ELEM_KEY,
-                             NFTA_SET_ELEM_LIST_ELEMENTS, NFTA_SET_ELEM_LIST_SET, NFTA_SET_ELEM_LIST_TABLE,
-                             NFTNL_UDATA_RULE_COMMENT, NLA_F_NESTED, NLM_F_REQUEST, NLMSG_ERROR, PROTOCOL_NUMBERS,
-                             attr, attributes, headers)
+                             NFTA_RULE_EXPRESSIONS, NFTA_RULE_TABLE, NFTA_RULE_USERDATA, NFTA_SET_ELEM_DATA,
+                             NFTA_SET_ELEM_KEY, NFTA_SET_ELEM_LIST_ELEMENTS, NFTA_SET_ELEM_LIST_SET,
+                             NFTA_SET_ELEM_LIST_TABLE, NFTNL_UDATA_RULE_COMMENT, NLA_F_NESTED, NLM_F_REQUEST,
+                             NLMSG_ERROR, PROTOCOL_NUMBERS, PROTOCOL_REGISTERS, attr, attributes, headers)
 
 # The maps whose elements this module writes: every PORTFW key, nothing else.
-MAPS = frozenset(("portfw_v4", "portfw_v6", "portfw_direct_v4", "portfw_direct_v6"))
+MAPS = frozenset(["portfw_v4", "portfw_v6"] + render.direct_maps("v4") + render.direct_maps("v6"))
 
 NFNL_MSG_BATCH_BEGIN, NFNL_MSG_BATCH_END = 0x10, 0x11
 NFT_MSG_NEWCHAIN, NFT_MSG_DELCHAIN, NFT_MSG_NEWRULE, NFT_MSG_DELRULE = 3, 5, 6, 8
@@ -45,7 +45,6 @@ NFT_MSG_NEWSETELEM, NFT_MSG_DELSETELEM, NFT_MSG_NEWGEN, NFT_MSG_GETGEN = 12, 14,
 NFTA_GEN_ID = 1
 GENERATION_TIMEOUT = 5.0  # seconds for the kernel's answer to GETGEN
 NLM_F_ACK, NLM_F_CREATE, NLM_F_APPEND = 0x4, 0x400, 0x800
-NFTA_SET_ELEM_DATA = 2
 NFTA_DATA_VERDICT = 2
 NFTA_VERDICT_CODE, NFTA_VERDICT_CHAIN = 1, 2
 NFT_GOTO = -4
@@ -112,7 +111,7 @@ class Encoder:
         Keys are `address . proto . port`, each part in a 4-byte register. One loop with
         its lookups bound locally: this runs for every element of a whole-table set."""
         parts, part, heads, heads_for, verdict = self._parts, self._part, self._heads, self._heads_for, self.verdict
-        protos = _PROTOCOLS
+        protos = PROTOCOL_REGISTERS
         out: List[bytes] = []
         append = out.append
         for key, value in items:
@@ -129,9 +128,6 @@ class Encoder:
                         + data + (parts.get(to_port) or part(to_port)))
             append((heads.get((len(raw), len(data))) or heads_for(len(raw), len(data))) + raw + data)
         return out
-
-
-_PROTOCOLS = {name: bytes((number, 0, 0, 0)) for name, number in PROTOCOL_NUMBERS.items()}
 
 
 # --- rules: the shapes render.cascade_rules and render.reject_rules write -------------

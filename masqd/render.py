@@ -328,19 +328,49 @@ _NAT_POST = "type nat hook postrouting priority srcnat; policy accept;"
 _MANGLE_PRE = "type filter hook prerouting priority mangle; policy accept;"
 _L4 = "meta l4proto { tcp, udp }"
 
+# One-target PORTFW keys are spread over DIRECT_SHARDS maps per family, picked by the
+# low two bits of the key's address and of its port (`direct_map`): the kernel walks a
+# map from its start again for every 32 KiB message of a dump, a cost that grows with
+# the square of the map (0.6 s at 100,000 elements, 0.02 s at 25,000), and a listing
+# dumps these maps for their counters. Masks, not a hash: nft's `jhash` would spread
+# any keys evenly but costs ~3 us a key in Python to place; keys differing in their
+# port alone (one address, many ports) still use 4 shards, in their address alone 4.
+DIRECT_SHARDS = 16
+
+
+def direct_shard(address, port):
+    """The shard of a one-target key: (last two bits of the address) . (of the port),
+    as the prerouting dispatch rule computes it in the kernel."""
+    if ":" in address:
+        tail = address.rpartition(":")[2]
+        low = int(tail.rpartition(".")[2]) if "." in tail else int(tail or "0", 16)
+    else:
+        low = int(address.rpartition(".")[2])
+    return (low & 3) << 2 | (port & 3)
+
+
+def direct_map(address, port):
+    """The portfw_direct map (and chain) of a one-target key."""
+    return "portfw_direct_%s_%d" % ("v6" if ":" in address else "v4", direct_shard(address, port))
+
+
+def direct_maps(suffix):
+    return ["portfw_direct_%s_%d" % (suffix, shard) for shard in range(DIRECT_SHARDS)]
+
+
 BASE_MAPS = []
 for _fam_, _addr in ((4, "ipv4_addr"), (6, "ipv6_addr")):
     _s = _suffix(_fam_)
     BASE_MAPS += [
         # PORTFW keys with several backends: key -> goto their scheduling chain.
         MapDef("portfw_" + _s, "map", "type %s . inet_proto . inet_service : verdict;" % _addr),
-        # PORTFW keys with one target: key -> address . port, no chain; per-element
-        # counter = connections, from which list computes pcnt.
-        MapDef("portfw_direct_" + _s, "map",
-               "type %s . inet_proto . inet_service : %s . inet_service; counter;" % (_addr, _addr)),
         # AUTOFW with a fixed hidden host: protocol . port range -> host (port kept).
         MapDef("autofw_" + _s, "map", "type inet_proto . inet_service : %s; flags interval;" % _addr),
     ]
+    # PORTFW keys with one target: key -> address . port, no chain; per-element
+    # counter = connections, from which list computes pcnt.
+    BASE_MAPS += [MapDef(name, "map", "type %s . inet_proto . inet_service : %s . inet_service; counter;"
+                         % (_addr, _addr)) for name in direct_maps(_s)]
 BASE_MAPS += [
     # AUTOFW control-port entries (-c): range -> the entry's chain (autofw_fragment).
     MapDef("autofw_ranges", "map", "type inet_proto . inet_service : verdict; flags interval;"),
@@ -349,11 +379,25 @@ BASE_MAPS += [
     MapDef("mark_values", "set", "type mark;"),
 ]
 
+def _direct_dispatch(fam):
+    """The prerouting rule that jumps to a key's direct shard chain (`direct_shard`)."""
+    ipkw, low = ("ip6", "::%x") if fam == 6 else ("ip", "0.0.0.%d")
+    arms = ", ".join("%s . %d : jump portfw_direct_%s_%d" % (low % (shard >> 2), shard & 3, _suffix(fam), shard)
+                     for shard in range(DIRECT_SHARDS))
+    return "%s %s daddr & %s . th dport & 3 vmap { %s }" % (_L4, ipkw, low % 3, arms)
+
+
+def _direct_chains():
+    """One chain per direct map, holding the map's DNAT."""
+    return [Chain(name, None, ("dnat %s to %s daddr . meta l4proto . th dport map @%s" % (kw, kw, name),))
+            for fam, kw in ((4, "ip"), (6, "ip6")) for name in direct_maps(_suffix(fam))]
+
+
 PREROUTING_RULES = (
     _L4 + " ip daddr . meta l4proto . th dport vmap @portfw_v4",
-    _L4 + " dnat ip to ip daddr . meta l4proto . th dport map @portfw_direct_v4",
+    _direct_dispatch(4),
     _L4 + " ip6 daddr . meta l4proto . th dport vmap @portfw_v6",
-    _L4 + " dnat ip6 to ip6 daddr . meta l4proto . th dport map @portfw_direct_v6",
+    _direct_dispatch(6),
     # mfw acts on to-firewall packets only (ipmasqadm(8)): forwarded traffic that
     # carries a mark passes untouched.
     "fib daddr type local meta mark != 0 meta mark vmap @mfw_marks",
@@ -373,7 +417,7 @@ MARK_RULES = (
 def base_fragment():
     return Fragment(
         chains=[Chain("prerouting", _NAT_PRE, PREROUTING_RULES),
-                Chain("mark_prerouting", _MANGLE_PRE, MARK_RULES)],
+                Chain("mark_prerouting", _MANGLE_PRE, MARK_RULES)] + _direct_chains(),
         maps=BASE_MAPS)
 
 
@@ -500,14 +544,15 @@ def portfw_items(entry, phase=0, down=None):
     elem_key = "%s . %s . %d" % (laddr, proto, entry["local_port"])
     backends = entry["backends"]
     if len(backends) == 1 and not down:  # most keys: one element, no chain
-        return ("portfw_direct_" + suffix, elem_key, "%s . %d" % (backends[0]["address"], backends[0]["port"]), None)
+        return (direct_map(laddr, entry["local_port"]), elem_key,
+                "%s . %d" % (backends[0]["address"], backends[0]["port"]), None)
     backends = live_backends(entry, backends, down)
     name = portfw_chain_name((proto, laddr, entry["local_port"]))
     if not backends:
         return ("portfw_" + suffix, elem_key, "goto " + name, Chain(name, None, reject_rules(proto)))
     how, target = schedule(backends)
     if how == "single":
-        return ("portfw_direct_" + suffix, elem_key, "%s . %d" % (target["address"], target["port"]), None)
+        return (direct_map(laddr, entry["local_port"]), elem_key, "%s . %d" % (target["address"], target["port"]), None)
     match = "meta l4proto " + proto
     chain = Chain(name, None, tuple(cascade_rules(target, lambda b: match, phase)))
     return ("portfw_" + suffix, elem_key, "goto " + name, chain)

@@ -10,6 +10,7 @@ serialises every request, so the daemon may call `handle` from many threads.
 import contextlib
 import copy
 import gc
+import itertools
 import queue
 import logging
 import threading
@@ -23,7 +24,7 @@ from masqd.rp_filter import rp_filter_warnings
 from masqd.store import JOURNAL_MAX, Store
 from masqd.watchers.ruleset import PERIODIC
 
-_REQUEST_FIELDS = ("op", "table", "tables", "entry", "entries", "revision", "mark", "echo")
+_REQUEST_FIELDS = ("op", "table", "tables", "entry", "entries", "revision", "mark", "echo", "stream")
 _WRITE_OPS = ("add", "insert", "edit", "delete", "flush", "set", "schedule")
 _READ_OPS = ("status", "get", "list")
 _BACKEND_TABLES = ("portfw", "mfw")
@@ -344,6 +345,11 @@ class Service:
             raise ValidationError("op", op, "unknown op")
         if "echo" in request and op != "set":
             raise ValidationError("echo", request["echo"], "only a set takes echo")
+        if "stream" in request:  # the entries come as EntryParts, which the server sends one by one
+            if op != "list":
+                raise ValidationError("stream", request["stream"], "only a list takes stream")
+            if not isinstance(request["stream"], bool):
+                raise ValidationError("stream", request["stream"], "must be true or false")
         if op in _WRITE_OPS and "revision" in request:
             rev = request["revision"]
             if isinstance(rev, bool) or not isinstance(rev, int):
@@ -373,12 +379,16 @@ class Service:
         return False, {"entries": list(self._tables[table].values())}
 
     def _op_list(self, request):
+        if request.get("stream") and request.get("table") is None:
+            raise ValidationError("stream", True, "a streamed list is of one table: give table")
         tables = TABLES if request.get("table") is None else (model.table_name(request["table"]),)
         counted = any(t in _BACKEND_TABLES or t == "marks" for t in tables)
         counters = self.nft.read_counters(self._direct_keys, self._counted_chains) if counted else ({}, {})
         if "autofw" in tables:
             counters = counters + (self.nft.read_elements(self.autofw.map_names(self._tables["autofw"])),)
-        out = {t: self._portfw_rows(counters) if t == "portfw" else
+        if request.get("stream") and tables == ("portfw",):  # rows built part by part as they are sent
+            return False, {"entries": EntryParts(self._portfw_rows(counters))}
+        out = {t: list(self._portfw_rows(counters)) if t == "portfw" else
                [self._runtime(t, key, e, counters) for key, e in self._tables[t].items()] for t in tables}
         if "marks" in out:
             # The classifier chain has one counted rule per marks rule, in table order
@@ -389,14 +399,15 @@ class Service:
                     rule["hits"] = count
         if request.get("table") is None:
             return False, {"tables": out}
-        return False, {"entries": out[tables[0]]}
+        entries = out[tables[0]]
+        return False, {"entries": EntryParts(iter(entries)) if request.get("stream") else entries}
 
     def _direct_keys(self, name):
-        """The nfnetlink keys of the PORTFW keys of one family (direct map `name`; keys
-        with several live backends are not in it, and are simply not found)."""
-        v6 = name.endswith("v6")
+        """The nfnetlink keys of the PORTFW keys direct map `name` holds if they have one
+        target (keys with several live backends are not in it, and are simply not found)."""
+        direct_map = render.direct_map
         return [nfnetlink.address_proto_port_key(address, protocol, port)
-                for protocol, address, port in self._tables["portfw"] if (":" in address) == v6]
+                for protocol, address, port in self._tables["portfw"] if direct_map(address, port) == name]
 
     def _counted_chains(self):
         """The chains whose rule counters a listing reads: cascades, mfw, the classifier."""
@@ -404,24 +415,27 @@ class Service:
                 + [render.mfw_chain_name(mark) for mark in self._tables["mfw"]] + ["mark_classify"])
 
     def _portfw_rows(self, counters):
-        """_runtime of every PORTFW key, with most keys' case written out: one
-        unchecked backend, nothing down (its direct map element's counter is the
+        """_runtime of every PORTFW key, one by one, with most keys' case written out:
+        one unchecked backend, nothing down (its direct map element's counter is the
         connection count: backend_runtime's "single" case)."""
         v4, v6 = (counters[1].get(name, {}) for name in ("portfw_direct_v4", "portfw_direct_v6"))
         down = self._ruleset.down
-        rows = []
+        packed = {}  # address -> its bytes, once per address
+        protocols = nfnetlink.PROTOCOL_REGISTERS
         for key, entry in self._tables["portfw"].items():
             backends = entry["backends"]
             if len(backends) != 1 or "check" in backends[0] or ("portfw", key) in down:
-                rows.append(self._runtime("portfw", key, entry, counters))
+                yield self._runtime("portfw", key, entry, counters)
                 continue
             protocol, address, port = key
-            total = (v6 if ":" in address else v4).get("%s . %s . %d" % (address, protocol, port), 0)
+            raw = packed.get(address)
+            if raw is None:
+                raw = packed[address] = nfnetlink.address_bytes(address)
+            total = (v6 if len(raw) == 16 else v4).get(raw + protocols[protocol] + port.to_bytes(2, "big") + b"\0\0", 0)
             pref = backends[0]["pref"]
             row = dict(entry)
             row["backends"] = [dict(backends[0], pcnt=pref - total % pref if pref else 0, connections=total, head=True)]
-            rows.append(row)
-        return rows
+            yield row
 
     def _runtime(self, table, key, entry, counters):
         entry = dict(entry)
@@ -1020,6 +1034,25 @@ def gc_paused():
 
 
 FREEZE_AFTER = 100000  # containers, see gc_paused
+STREAM_ENTRIES = 5000  # entries per part of a streamed `list` (~800 KB of JSON)
+
+
+class EntryParts:
+    """The entries of a `list` with "stream": true: lists of up to STREAM_ENTRIES
+    entries, each built (collector paused) when the server asks for it, so a client
+    decodes one part while the next is built and encoded. Made from the read's
+    snapshot and counters: what a writer does meanwhile does not show."""
+
+    def __init__(self, rows):
+        self._rows = rows
+
+    def __iter__(self):
+        while True:
+            with gc_paused():
+                part = list(itertools.islice(self._rows, STREAM_ENTRIES))
+            if not part:
+                return
+            yield part
 
 
 def _iso(wall):
@@ -1140,7 +1173,7 @@ def backend_runtime(table, entry, head, rule_counters, element_counters, phase=0
     if how == "single":
         if portfw:  # the direct map's element counter (no chain)
             fam = "v6" if ":" in entry["local_address"] else "v4"
-            elem_key = "%s . %s . %d" % (entry["local_address"], entry["protocol"], entry["local_port"])
+            elem_key = nfnetlink.address_proto_port_key(entry["local_address"], entry["protocol"], entry["local_port"])
             total = element_counters.get("portfw_direct_" + fam, {}).get(elem_key, 0)
         else:
             total = sum(rule_counters.get(chain, [0]))

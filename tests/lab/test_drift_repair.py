@@ -110,8 +110,8 @@ def test_own_changes_never_count_as_drift(agent):
     ["delete", "table", "inet", "masqd"],
     ["flush", "chain", "inet", "masqd", "prerouting"],
     ["delete", "rule", "inet", "masqd", "prerouting", "handle", "HANDLE"],
-    ["delete", "element", "inet", "masqd", "portfw_direct_v4", "{ 198.51.100.1 . tcp . 8080 }"],
-    ["add", "element", "inet", "masqd", "portfw_direct_v4", "{ 198.51.100.1 . tcp . 9999 : 10.16.0.99 . 1 }"],
+    ["delete", "element", "inet", "masqd", "portfw_direct_v4_4", "{ 198.51.100.1 . tcp . 8080 }"],
+    ["add", "element", "inet", "masqd", "portfw_direct_v4_7", "{ 198.51.100.1 . tcp . 9999 : 10.16.0.99 . 1 }"],
 ])
 def test_every_kind_of_foreign_change_inside_the_table_is_repaired(agent, change):
     agent.masqctl("portfw", "-a", "-P", "tcp", "-L", "198.51.100.1", "8080", "-R", "10.16.0.27", "80")

@@ -11,6 +11,8 @@ import textwrap
 
 import pytest
 
+from masqd import render
+
 pytestmark = pytest.mark.lab
 
 ONE_HOST = {"name": "kernel-apply", "hosts": {"gw": {}}, "links": []}
@@ -143,7 +145,7 @@ def test_ten_thousand_keys_and_incremental_change(gw, tmp_path):
     listing = nft(gw, "-j", "list", "table", "inet", "masqd")
     objs = json.loads(listing)["nftables"]
     elems = {o["map"]["name"]: len(o["map"].get("elem", [])) for o in objs if "map" in o}
-    assert elems["portfw_direct_v4"] == 5000 - 0  # even i: one backend (key 7 was odd)
+    assert sum(elems[name] for name in render.direct_maps("v4")) == 5000 - 0  # even i: one backend (key 7 was odd)
     assert elems["portfw_v4"] == 5000 - 1 + 1  # odd i: chains; minus key 7, plus WEB:81
     chains = [o["chain"]["name"] for o in objs if "chain" in o]
     assert len([c for c in chains if c.startswith("pf_")]) == 5000
@@ -186,7 +188,7 @@ def test_plan_uses_kernel_dry_run(gw, tmp_path):
 
 
 def test_direct_map_counts_connections_for_pcnt(seed_lab, tmp_path):
-    """A single-backend key lives in portfw_direct_v4 (no chain): real connections
+    """A single-backend key lives in a portfw_direct_v4 shard (no chain): real connections
     reach the backend and its per-element counter gives list its pcnt."""
     from ipmasq_lab import probes
     code = """
@@ -212,6 +214,33 @@ def test_direct_map_counts_connections_for_pcnt(seed_lab, tmp_path):
     assert result.returncode == 0, result.stderr
     (backend,) = json.loads(result.stdout.strip().splitlines()[-1])
     assert (backend["connections"], backend["pcnt"], backend["head"]) == (3, 1, True)
+
+
+def test_every_direct_shard_forwards(seed_lab, tmp_path):
+    """The prerouting dispatch (address & 3 . port & 3) jumps to the shard whose map
+    render.direct_shard put the key in, for all 16 shards of both families: one key per
+    shard, each reached by a real connection, each counted in its own map."""
+    from ipmasq_lab import probes
+    keys = [("%s%d" % (prefix, 4 + low), 8000 + port)
+            for prefix in ("203.0.113.", "2001:db8:ffff::") for low in range(4) for port in range(4)]
+    code = """
+        svc = Service(%r); svc.start()
+        keys = %r
+        ok(svc, op="set", table="portfw", entries=[{"protocol": "tcp", "local_address": a, "local_port": p,
+           "backends": [{"address": "fd00:16::27" if ":" in a else "10.16.0.27", "port": 80}]} for a, p in keys])
+        print(json.dumps(sorted({render.direct_map(a, p) for a, p in keys})))
+    """ % (str(tmp_path), keys)
+    result = seed_lab.run("gateway", [sys.executable, "-c", PRELUDE + textwrap.dedent(code)], timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert len(json.loads(result.stdout.strip().splitlines()[-1])) == 32
+    with probes.serve_identity(seed_lab, "web1", 80):
+        reached = {(address, port): [a.backend for a in probes.connect_many(seed_lab, "client", address, port)]
+                   for address, port in keys}
+    assert reached == {key: ["web1"] for key in keys}
+    for address, port in keys:
+        listed = seed_lab.run("gateway", ["nft", "list", "map", "inet", "masqd", render.direct_map(address, port)],
+                              timeout=10, check=True).stdout
+        assert "%s . tcp . %d counter packets 1 " % (address, port) in listed, listed
 
 
 def test_incremental_portfw_changes_equal_a_full_resync(gw):
@@ -252,7 +281,7 @@ def test_incremental_portfw_changes_equal_a_full_resync(gw):
         # A refused transaction (goto a chain that does not exist) changes nothing.
         before = subprocess.run(["nft", "list", "ruleset"], capture_output=True, text=True).stdout
         bad = render.Transaction([
-            render.Op("add", "element", "portfw_direct_v4", [("198.51.100.9 . tcp . 9", "10.0.0.1 . 80")]),
+            render.Op("add", "element", render.direct_map("198.51.100.9", 9), [("198.51.100.9 . tcp . 9", "10.0.0.1 . 80")]),
             render.Op("add", "element", "portfw_v4", [("198.51.100.9 . tcp . 10", "goto pf_0000000000000000")])])
         try:
             nft.apply(bad)
@@ -297,7 +326,7 @@ def test_counters_by_netlink_dump_equal_the_listing(gw, tmp_path):
             key = "%%s . %%s . %%d" %% (e["local_address"], e["protocol"], e["local_port"])
             value = ("[%%s]" if fam == "v6" else "%%s") %% b["address"]
             packets = rnd.randrange(1, 1 << 40)
-            m = "inet masqd portfw_direct_" + fam
+            m = "inet masqd " + render.direct_map(e["local_address"], e["local_port"])
             subprocess.run(["nft", "delete element %%s { %%s }" %% (m, key)], check=True)
             subprocess.run(["nft", "add element %%s { %%s counter packets %%d bytes 1 : %%s . %%d }"
                             %% (m, key, packets, b["address"], b["port"])], check=True)
@@ -327,7 +356,7 @@ def test_counters_by_netlink_dump_equal_the_listing(gw, tmp_path):
             nfnetlink.Dumper.element_counters = whole
             nfnetlink.Dumper.rule_counters = every_rule
         with nfnetlink.Dumper() as d:
-            absent = d.element_packets("masqd", "portfw_direct_v4", [
+            absent = d.element_packets("masqd", "portfw_direct_v4_0", [
                 nfnetlink.address_proto_port_key("198.51.100.250", "tcp", 9)])
         table, listed_table = svc.nft.read_table(), svc.nft._listed_table()
         same_table = {f: getattr(table, f) == getattr(listed_table, f) for f in ("shape", "rules", "comments", "timed")}
@@ -392,8 +421,8 @@ def test_portfw_batches_write_what_libnftables_writes(gw):
             + [render.Op("add", "element", "portfw_v4", [("198.51.100.1 . tcp . %%d" %% i, "goto " + c.name)
                                                           for i, c in enumerate(chains)]),
                render.Op("add", "element", "portfw_v6", [("2001:db8::1 . udp . 53", "goto " + chains[3].name)]),
-               render.Op("add", "element", "portfw_direct_v4", [("203.0.113.1 . tcp . 80", "10.16.0.30 . 8080")]),
-               render.Op("add", "element", "portfw_direct_v6", [("2001:db8::2 . tcp . 443", "fd00::2 . 443")])]),
+               render.Op("add", "element", render.direct_map("203.0.113.1", 80), [("203.0.113.1 . tcp . 80", "10.16.0.30 . 8080")]),
+               render.Op("add", "element", render.direct_map("2001:db8::2", 443), [("2001:db8::2 . tcp . 443", "fd00::2 . 443")])]),
             render.Transaction([render.Op("flush", "chain", chains[0].name, None)]
                                + [render.Op("add", "rule", chains[0].name, r) for r in rules[1:3]]
                                + [render.Op("delete", "element", "portfw_v4", ["198.51.100.1 . tcp . 6"]),
@@ -427,13 +456,13 @@ def test_refused_portfw_batch_changes_nothing(gw):
         nft.apply(render.full_sync(render.render({})))
         listing = lambda: subprocess.run(["nft", "list", "ruleset"], capture_output=True, text=True).stdout
         chain = render.Chain("pf_00000000000000aa", None, ("meta l4proto tcp counter dnat ip to 10.16.0.27:80",))
-        ok = render.Transaction([render.Op("add", "element", "portfw_direct_v4",
+        ok = render.Transaction([render.Op("add", "element", "portfw_direct_v4_0",
                                            [("198.51.100.1 . tcp . %d" % p, "10.16.0.27 . 80") for p in range(1, 3001)])])
         nft.apply(ok)
         before = listing()
         bad = render.Transaction([
             render.Op("add", "chain", chain.name, chain), render.Op("add", "rule", chain.name, chain.rules[0]),
-            render.Op("delete", "element", "portfw_direct_v4",
+            render.Op("delete", "element", "portfw_direct_v4_0",
                       ["198.51.100.1 . tcp . %d" % p for p in range(1, 3001)] + ["198.51.100.1 . tcp . 9"]),
             render.Op("add", "element", "portfw_v4", [("198.51.100.2 . tcp . 80", "goto " + chain.name)])])
         assert portfw_batch.batch_ops(bad) is not None
@@ -469,7 +498,7 @@ def test_events_off_for_own_batches_and_foreign_commits_still_checked(gw):
         assert monitor.start()
         writer = BatchWriter()
         def batch(port):
-            return [(render.Op("add", "element", "portfw_direct_v4", [("198.51.100.1 . tcp . %d" % port, "10.16.0.27 . 80")]), None)]
+            return [(render.Op("add", "element", "portfw_direct_v4_0", [("198.51.100.1 . tcp . %d" % port, "10.16.0.27 . 80")]), None)]
         events = monitor.events
         with monitor.events_off(writer.generation):
             writer.commit(batch(1))
@@ -481,7 +510,7 @@ def test_events_off_for_own_batches_and_foreign_commits_still_checked(gw):
         done.wait(5)
         monitor.stop()
         print(json.dumps({"alone": alone, "with_foreign": verified,
-                          "elements": subprocess.run(["nft", "list", "map", "inet", "masqd", "portfw_direct_v4"],
+                          "elements": subprocess.run(["nft", "list", "map", "inet", "masqd", "portfw_direct_v4_0"],
                                                      capture_output=True, text=True).stdout}))
     """)
     assert out["alone"] == {"verified": [], "events": 0}

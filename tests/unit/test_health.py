@@ -148,7 +148,7 @@ def test_down_backend_leaves_the_cascade():
     assert _cascade_targets(chain.rules) == ["10.16.0.27:80", "10.16.0.28:80"]
     # 15/5 with the 5 down: all to the 15 (a single target: one direct-map element).
     name, _k, value, chain = render.portfw_items(entry, down={(B, 80)})
-    assert (name, value, chain) == ("portfw_direct_v4", "10.16.0.27 . 80", None)
+    assert (name, value, chain) == (render.direct_map(entry["local_address"], entry["local_port"]), "10.16.0.27 . 80", None)
     three = model.normalize_portfw(portfw({"address": A, "port": 80, "pref": 3}, {"address": B, "port": 80, "pref": 1},
                                           {"address": C, "port": 80, "pref": 2}))
     _n, _k, _v, chain = render.portfw_items(three, down={(B, 80)})
@@ -169,7 +169,7 @@ def test_all_down_policies(options, want):
     elif want == "reject":
         assert chain.rules == ("meta l4proto tcp reject with tcp reset",) and value == "goto " + chain.name
     else:
-        assert (name, value, chain) == ("portfw_direct_v4", want, None)
+        assert (name, value, chain) == (render.direct_map(entry["local_address"], entry["local_port"]), want, None)
 
 
 def test_mfw_all_down_reject_rules():

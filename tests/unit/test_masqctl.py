@@ -95,7 +95,7 @@ def test_agent_unavailable_exits_1_with_its_message():
 def test_listing_uses_the_list_op():
     entries = [{"mark": 1, "backends": [{"address": "10.16.0.3", "port": None, "pref": 0, "pcnt": 0}]}]
     code, out, _err, client = run(["mfw", "-L", "-n"], {"list": {"ok": True, "result": {"entries": entries}}})
-    assert code == 0 and client.sent == [{"op": "list", "table": "mfw"}]
+    assert code == 0 and client.sent == [{"op": "list", "table": "mfw", "stream": True}]
     assert out.splitlines()[1].split() == ["1", "10.16.0.3", "any", "0", "0"]
     code, out, _err, _client = run(["mfw", "-L", "--json"], {"list": {"ok": True, "result": {"entries": entries}}})
     assert json.loads(out) == {"entries": entries}

@@ -20,7 +20,7 @@ NEW_CHAIN = Chain("pf_00000000000000aa", None, ("meta l4proto tcp numgen inc mod
 def portfw_txn(*extra):
     return Transaction([Op("add", "chain", NEW_CHAIN.name, NEW_CHAIN)]
                        + [Op("add", "rule", NEW_CHAIN.name, r) for r in NEW_CHAIN.rules] + list(extra) + [
-        Op("delete", "element", "portfw_direct_v4", ["198.51.100.1 . tcp . 80"]),
+        Op("delete", "element", "portfw_direct_v4_4", ["198.51.100.1 . tcp . 80"]),
         Op("add", "element", "portfw_v4", [("198.51.100.1 . tcp . 80", "goto pf_00000000000000aa")]),
         Op("delete", "chain", "pf_00000000000000bb", None)])
 
@@ -112,8 +112,8 @@ def test_batch_layout_and_one_element_of_each_kind():
     batch = writer().messages(portfw_batch.batch_ops(Transaction([
         Op("add", "chain", NEW_CHAIN.name, NEW_CHAIN),
         Op("add", "rule", NEW_CHAIN.name, NEW_CHAIN.rules[1]),
-        Op("delete", "element", "portfw_direct_v6", ["2001:db8::1 . udp . 53"]),
-        Op("add", "element", "portfw_direct_v4", [("198.51.100.1 . tcp . 8080", "10.16.0.10 . 80")]),
+        Op("delete", "element", "portfw_direct_v6_5", ["2001:db8::1 . udp . 53"]),
+        Op("add", "element", "portfw_direct_v4_4", [("198.51.100.1 . tcp . 8080", "10.16.0.10 . 80")]),
         Op("add", "element", "portfw_v4", [("203.0.113.1 . udp . 1024", "goto pf_00000000000000aa")]),
         Op("flush", "chain", "pf_00000000000000cc", None),
         Op("delete", "chain", "pf_00000000000000bb", None),
@@ -132,7 +132,7 @@ def test_batch_layout_and_one_element_of_each_kind():
     assert nfnetlink.string(msgs[6][3][portfw_batch.NFTA_RULE_CHAIN]) == "pf_00000000000000cc"
     (key, data), = elements_of(msgs[3][3])
     assert key == nfnetlink.address_proto_port_key("2001:db8::1", "udp", 53) and data is None
-    assert nfnetlink.string(msgs[4][3][nfnetlink.NFTA_SET_ELEM_LIST_SET]) == "portfw_direct_v4"
+    assert nfnetlink.string(msgs[4][3][nfnetlink.NFTA_SET_ELEM_LIST_SET]) == "portfw_direct_v4_4"
     assert nfnetlink.string(msgs[4][3][nfnetlink.NFTA_SET_ELEM_LIST_TABLE]) == render.TABLE
     (key, data), = elements_of(msgs[4][3])
     assert nfnetlink.address_proto_port_text(key) == "198.51.100.1 . tcp . 8080"
@@ -154,7 +154,7 @@ protocols = st.sampled_from(sorted(nfnetlink.PROTOCOL_NUMBERS))
 @given(st.lists(st.tuples(st.one_of(addresses_v4, addresses_v6), protocols, ports, ports), min_size=1, max_size=3000))
 def test_generated_elements_read_back_and_messages_stay_under_the_nla_limit(items):
     keys = {"%s . %s . %d" % (a, proto, port): "%s . %d" % (a, to_port) for a, proto, port, to_port in items}
-    batch = writer().messages([(Op("add", "element", "portfw_direct_v4", sorted(keys.items())), None)])
+    batch = writer().messages([(Op("add", "element", "portfw_direct_v4_0", sorted(keys.items())), None)])
     read = {}
     for _type, _flags, _seq, attrs in decode(batch)[1:-1]:
         assert len(attrs[portfw_batch.NFTA_SET_ELEM_LIST_ELEMENTS]) + 4 < 1 << 16

@@ -111,7 +111,7 @@ def test_single_backend_uses_direct_map_without_chain():
     entry = model.normalize_entry("portfw", dict(WEB, backends=WEB["backends"][:1]))
     frag = render.portfw_fragment(entry)
     assert frag.chains == {}
-    assert frag.elements == {"portfw_direct_v4": {"198.51.100.1 . tcp . 80": "10.16.0.27 . 80"}}
+    assert frag.elements == {"portfw_direct_v4_4": {"198.51.100.1 . tcp . 80": "10.16.0.27 . 80"}}  # .1, port 80: 1 . 0
 
 
 def test_pref0_settles_on_first_pref0():
@@ -169,7 +169,8 @@ def test_remove_and_change_key():
     new = rs.replace({("portfw", keys[2]): None, ("portfw", keys[3]): render.portfw_fragment(changed)})
     txn = render.diff(rs, new, {("portfw", keys[2]), ("portfw", keys[3])})
     ops = [(op.verb, op.kind, op.name) for op in txn.ops]
-    assert ops == [("delete", "element", "portfw_v4"), ("add", "element", "portfw_direct_v4")] + sorted(
+    assert ops == [("delete", "element", "portfw_v4"), ("add", "element", render.direct_map(
+        changed["local_address"], changed["local_port"]))] + sorted(
         ("delete", "chain", render.portfw_chain_name(k)) for k in keys[2:4])
     fake.apply(txn)
     assert fake.dump() == new.dump()

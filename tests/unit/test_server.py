@@ -12,6 +12,7 @@ import pytest
 from masqd import server as server_mod
 from masqd.client import AgentUnavailable, Client, MasqdError
 from masqd.server import MAX_REQUEST, Server, ServerError, json_depth, parse_request
+from masqd.service import STREAM_ENTRIES, EntryParts
 
 
 class EchoService:
@@ -30,6 +31,11 @@ class EchoService:
         if request.get("op") == "status":
             return {"ok": True, "revision": 3, "changed": False,
                     "result": {"version": "0.1.0", "revision": 3, "tables": {}, "socket": None}}
+        if request.get("op") == "list":  # as the Service: parts of STREAM_ENTRIES with stream
+            entries = [{"n": n} for n in range(request.get("count", 0))]
+            if request.get("stream"):
+                entries = EntryParts(iter(entries))
+            return {"ok": True, "revision": 3, "changed": False, "result": {"entries": entries}}
         return {"ok": True, "revision": 3, "changed": False, "result": {"echo": request}}
 
 
@@ -48,7 +54,8 @@ def running(tmp_path):
     assert not thread.is_alive()
 
 
-def raw_exchange(path, payload, read=True):
+def raw_exchange(path, payload, read=True, parts=None):
+    """The answer lines to `payload`: one per request line, or `parts` of them."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(10)
         sock.connect(path)
@@ -56,7 +63,7 @@ def raw_exchange(path, payload, read=True):
         if not read:
             return None
         reader = sock.makefile("rb")
-        return [json.loads(reader.readline()) for _answer in range(payload.count(b"\n") or 1)]
+        return [json.loads(reader.readline()) for _answer in range(parts or payload.count(b"\n") or 1)]
 
 
 def test_requests_and_responses_share_one_connection(running):
@@ -67,6 +74,23 @@ def test_requests_and_responses_share_one_connection(running):
     assert first["result"]["echo"] == {"op": "get", "table": "portfw"}
     assert second["result"]["echo"] == {"op": "flush", "table": "mfw"}
     assert service.seen == [{"op": "get", "table": "portfw"}, {"op": "flush", "table": "mfw"}]
+
+
+@pytest.mark.parametrize("count", [0, 1, STREAM_ENTRIES, 2 * STREAM_ENTRIES + 1])
+def test_a_streamed_list_comes_in_parts_that_the_client_joins(running, count):
+    _srv, _service, path = running
+    with Client(path) as client:
+        whole = client.request("list", count=count)
+        streamed = client.request("list", count=count, stream=True)
+        after = client.request("get", table="portfw")  # the connection is in step after a stream
+    assert streamed == whole and whole["result"]["entries"] == [{"n": n} for n in range(count)]
+    assert after["result"]["echo"] == {"op": "get", "table": "portfw"}
+    parts = raw_exchange(path, json.dumps({"op": "list", "count": count, "stream": True}).encode() + b"\n",
+                         parts=max(1, -(-count // STREAM_ENTRIES)))
+    assert [len(p["result"]["entries"]) for p in parts] == [
+        min(STREAM_ENTRIES, count - start) for start in range(0, count, STREAM_ENTRIES)] or [0]
+    assert [p.get("more") for p in parts] == [True] * (len(parts) - 1) + [None]
+    assert all(p["ok"] and p["revision"] == 3 for p in parts)
 
 
 def test_refusal_raises_masqd_error_with_field_and_value(running):

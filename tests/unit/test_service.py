@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from masqd import render
+from masqd import nfnetlink, render
 from masqd.nft import FakeNftables
 from masqd.service import AUTOFW_CONTROL_STATUS, Service
 
@@ -63,7 +63,7 @@ def test_add_append_list_delete_backend(svc):
 
 def test_single_backend_pcnt_from_element_counter(svc):
     ok(svc, op="add", table="portfw", entry=WEB)
-    svc.nft.element_counters = {"portfw_direct_v4": {"198.51.100.1 . tcp . 80": 17}}
+    svc.nft.element_counters = {"portfw_direct_v4": {nfnetlink.address_proto_port_key("198.51.100.1", "tcp", 80): 17}}
     (entry,) = ok(svc, op="list", table="portfw")["result"]["entries"]
     assert entry["backends"][0]["pcnt"] == 13 and entry["backends"][0]["connections"] == 17
 
@@ -255,7 +255,7 @@ def test_plan_is_dry_run(svc):
     assert r["changed"] is False  # plan applies nothing
     assert r["result"]["changed"] is True
     assert r["result"]["after"][0]["local_port"] == 81
-    assert "add element inet masqd portfw_direct_v4 { 198.51.100.1 . tcp . 81 : 10.16.0.27 . 80 }" in r["result"]["nft"]
+    assert "add element inet masqd portfw_direct_v4_5 { 198.51.100.1 . tcp . 81 : 10.16.0.27 . 80 }" in r["result"]["nft"]
     assert svc.nft.transactions[-1][1] is True
     assert snapshot(svc)[:3] == before[:3]
 
@@ -351,6 +351,23 @@ def test_a_bad_echo_is_refused_naming_it_and_changes_nothing(svc, request_):
     resp = svc.handle(request_)
     assert not resp["ok"] and resp["error"]["field"] == "echo", resp
     assert snapshot(svc)[:3] == state[:3]
+
+
+@pytest.mark.parametrize("request_", [
+    {"op": "list", "table": "portfw", "stream": "yes"},
+    {"op": "list", "table": "portfw", "stream": 1},
+    {"op": "get", "table": "portfw", "stream": True},
+    {"op": "set", "table": "portfw", "entries": [WEB], "stream": True},
+    {"op": "list", "stream": True},  # of every table: one line
+])
+def test_a_bad_stream_is_refused_naming_it_and_changes_nothing(svc, request_):
+    ok(svc, op="add", table="masquerade", entry={"name": "web", "source": "10.16.0.27/32"})
+    state = snapshot(svc)
+    resp = svc.handle(request_)
+    assert not resp["ok"] and resp["error"]["field"] == "stream", resp
+    assert snapshot(svc)[:3] == state[:3]
+    (part,) = ok(svc, op="list", table="masquerade", stream=True)["result"]["entries"]
+    assert part[0]["name"] == "web"
 
 
 def test_tables_and_table_together_are_refused(svc):

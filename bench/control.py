@@ -62,6 +62,8 @@ def run(quick=False, keys=100000):
                 delete.append(common.now() - t0)
             rss_after = agent.rss_kib()
         listing = _list_while_writing(agent)
+        agent.stop()  # a restart: the table stays in the kernel (one libnftables transaction)
+        restart_s = agent.start(timeout=600)
         with agent.client() as c:
             t0 = common.now()
             c.request("flush", table="portfw")
@@ -73,11 +75,12 @@ def run(quick=False, keys=100000):
             set5k_s = common.now() - t0
         reference = _against_nft_f(lab, agent, work, keys, repeats)
         agent.stop()
-        log("control daemon: start with %d keys %.2f s, RSS %d KiB, add one %.1f ms", keys, start_s, rss,
-            median(add) * 1e3)
+        log("control daemon: start with %d keys %.2f s (restart with the table in place %.2f s), RSS %d KiB, "
+            "add one %.1f ms", keys, start_s, restart_s, rss, median(add) * 1e3)
         log("control: socket set of %d keys median %.2f s, nft -f of the same table %.2f s (%.2fx); "
-            "start %.2fx", keys, reference["socket_set_median_s"], reference["nft_f_median_s"],
-            reference["socket_set_median_s"] / reference["nft_f_median_s"], start_s / reference["nft_f_median_s"])
+            "start %.2fx, restart %.2fx", keys, reference["socket_set_median_s"], reference["nft_f_median_s"],
+            reference["socket_set_median_s"] / reference["nft_f_median_s"], start_s / reference["nft_f_median_s"],
+            restart_s / reference["nft_f_median_s"])
 
     summary = {
         "apply_full_table_s": inproc["set_median_s"],
@@ -87,6 +90,7 @@ def run(quick=False, keys=100000):
         "socket_delete_one_median_ms": median(delete) * 1e3,
         "socket_add_one_p90_ms": common.percentile(add, 0.9) * 1e3,
         "daemon_start_with_keys_s": start_s,
+        "daemon_restart_with_keys_s": restart_s,
         "daemon_rss_mib": rss / 1024,
         "daemon_rss_after_ops_mib": rss_after / 1024,
         "socket_flush_s": flush_s,
@@ -102,6 +106,7 @@ def run(quick=False, keys=100000):
         "nft_f_median_s": reference["nft_f_median_s"],
         "socket_set_x_nft_f": reference["socket_set_median_s"] / reference["nft_f_median_s"],
         "daemon_start_x_nft_f": start_s / reference["nft_f_median_s"],
+        "daemon_restart_x_nft_f": restart_s / reference["nft_f_median_s"],
         "socket_set_peak_rss_mib": reference["set_peak_rss_mib"],
         "rss_after_socket_set_mib": reference["rss_after_set_mib"],
     }
@@ -113,7 +118,9 @@ def run(quick=False, keys=100000):
             inproc["request_bytes"] <= MAX_REQUEST,
         # The issue "Control plane at the kernel's pace".
         "socket set of %d keys <= 1.5x nft -f of the same table" % keys: summary["socket_set_x_nft_f"] <= 1.5,
-        "start with %d keys <= 1.5x nft -f" % keys: summary["daemon_start_x_nft_f"] <= 1.5,
+        "start with %d keys, none in the kernel, <= 1.5x nft -f" % keys: summary["daemon_start_x_nft_f"] <= 1.5,
+        "restart with %d keys, the table in the kernel, <= 1.5x nft -f" % keys:
+            summary["daemon_restart_x_nft_f"] <= 1.5,
         "list of %d keys <= 1 s (streamed)" % keys: listing["list_s"] <= 1.0,
         "one-key add while a list runs, median <= 25 ms": bool(listing["add_s"])
             and median(listing["add_s"]) * 1e3 <= 25,

@@ -16,6 +16,7 @@ from raw user strings. Chain names come from stable ids: a hash of the PORTFW ke
 mfw mark number, or fixed names.
 """
 
+import functools
 import hashlib
 from collections import namedtuple
 
@@ -349,9 +350,16 @@ def direct_shard(address, port):
     return (low & 3) << 2 | (port & 3)
 
 
+@functools.lru_cache(maxsize=4096)
+def _direct_maps_of(address):
+    """The four direct maps of an address's keys, by port & 3 (keys share few addresses)."""
+    suffix = "v6" if ":" in address else "v4"
+    return tuple("portfw_direct_%s_%d" % (suffix, direct_shard(address, port)) for port in range(4))
+
+
 def direct_map(address, port):
     """The portfw_direct map (and chain) of a one-target key."""
-    return "portfw_direct_%s_%d" % ("v6" if ":" in address else "v4", direct_shard(address, port))
+    return _direct_maps_of(address)[port & 3]
 
 
 def direct_maps(suffix):

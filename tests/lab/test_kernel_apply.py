@@ -175,6 +175,44 @@ def test_restart_after_kill_reconciles(gw, tmp_path):
     assert "dnat ip to 10.16.0.28:8080" in out["listing"]
 
 
+def test_cold_start_builds_the_table_a_full_sync_builds(gw, tmp_path):
+    """With no table in the kernel, a start loads the rest of the table first and the
+    PORTFW keys as one netlink batch; the table is the one a single full re-sync
+    writes, and a start with the table in place stays one libnftables transaction."""
+    out = run_in(gw, """
+        import subprocess
+        from masqd import portfw_batch
+        from masqd.nft import LibNftables
+        def listing():
+            return subprocess.run(["nft", "list", "table", "inet", "masqd"], capture_output=True, text=True,
+                                  check=True).stdout
+        svc = Service(%r); svc.start(); load_scenario(svc)
+        ok(svc, op="set", table="portfw", entries=[
+            {"protocol": "udp" if i %% 5 else "tcp", "local_address": "2001:db8::%%x" %% (i %% 7) if i %% 4 == 0
+             else "203.0.113.%%d" %% (i %% 9), "local_port": 1000 + i,
+             "backends": [{"address": "fd00::%%x" %% (i %% 3 + 1) if i %% 4 == 0 else "10.16.0.%%d" %% (i %% 3 + 1),
+                           "port": 80 + b, "pref": 1 + b} for b in range(1 + (i %% 3 == 0))]}
+            for i in range(3000)])
+        subprocess.run(["nft", "delete", "table", "inet", "masqd"], check=True)
+        batches = []
+        commit = portfw_batch.BatchWriter.commit
+        def counted(self, ops, alongside=None):
+            batches.append(len(ops))
+            return commit(self, ops, alongside)
+        portfw_batch.BatchWriter.commit = counted
+        cold = Service(%r); cold.start()
+        after_cold, cold_batches = listing(), list(batches)
+        LibNftables().apply(render.full_sync(cold._ruleset))
+        warm = Service(%r); warm.start()  # the table is there: one transaction, no batch
+        print(json.dumps({"cold": after_cold, "whole": listing(), "batches": cold_batches,
+                          "warm_batches": len(batches) - len(cold_batches)}))
+    """ % (str(tmp_path), str(tmp_path), str(tmp_path)), timeout=120)
+    assert objects(out["cold"]) == objects(out["whole"])  # the cascade chains come later in the listing
+    assert "pf_" in out["cold"] and "2001:db8::6 . udp" in out["cold"] and "mfw_7" in out["cold"]
+    assert len(out["batches"]) == 1 and out["batches"][0] > 3000  # every key's element, and the cascades
+    assert out["warm_batches"] == 0
+
+
 def test_plan_uses_kernel_dry_run(gw, tmp_path):
     out = run_in(gw, """
         svc = Service(%r); svc.start(); load_scenario(svc)

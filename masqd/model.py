@@ -732,5 +732,9 @@ def health_options(raw, field, entry, family, port_optional):
 
 
 def checked(entry):
-    """Does any backend of the entry carry a health check?"""
-    return any("check" in b for b in entry.get("backends", ()))
+    """Does any backend of the entry carry a health check? (A loop, not any() over a
+    generator: this runs for every key of a whole-table set.)"""
+    for backend in entry.get("backends", ()):
+        if "check" in backend:
+            return True
+    return False

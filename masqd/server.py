@@ -57,10 +57,12 @@ def json_depth(value, limit=MAX_DEPTH):
     while level and depth <= limit:
         depth += 1
         below = []
+        append = below.append
         for item in level:
-            for child in (item.values() if isinstance(item, dict) else item):
-                if isinstance(child, (dict, list)):
-                    below.append(child)
+            for child in (item.values() if type(item) is dict else item):
+                kind = type(child)  # json.loads makes plain dicts and lists only: no isinstance needed
+                if kind is dict or kind is list:
+                    append(child)
         level = below
     return depth
 

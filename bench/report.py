@@ -19,28 +19,30 @@ GAPS = {
         "parse); what is left is Python: the request's JSON parse and depth check, validation, "
         "render + diff, the batch's encoding (py-spy profile of this run: "
         "`bench/results/profiles/pyspy_socket_set_100000.txt`)."),
+    "restart with": (
+        "A restart with the table in place replaces the rest of the table while the PORTFW "
+        "maps keep forwarding, then refills them in one batch (docs/architecture.md, \"A "
+        "re-sync goes in two steps\"); the ratio moves with `nft -f`'s own time, 1.5-2.0 s "
+        "between runs on this machine."),
     "start with": (
-        "A start loads the state file, validates it and loads the table in one transaction "
-        "(the `nft -f` part); see the set's profile for the Python part."),
+        "A start loads the state file, validates it, loads the rest of the table by "
+        "libnftables and the PORTFW keys as one netlink batch; see the set's profile for the "
+        "Python part."),
     "list of": (
-        "The kernel's dump of a 100,000-element map restarts its walk for every 32 KiB "
-        "message (~0.7 s, growing with the square of the map), the counters are decoded and "
-        "every entry is built and encoded as JSON (~1 s in Python), and the client decodes "
-        "~19 MB of JSON. Writers are not blocked by it (the next row). Splitting the direct "
-        "maps into shards (one more lookup per shard for each new connection) would cut the "
-        "walk; not done."),
+        "The direct maps are in 16 shards (the kernel's dump walk, ~0.01 s) and their counters "
+        "are read by one scan; what is left is building and encoding ~17 MB of rows in Python "
+        "while the client decodes the previous part."),
     "RSS at": (
         "After a whole-table socket `set` the agent's RSS stays above the size of the loaded "
-        "table: the request's parsed objects and the batch's ~100,000 encoded pieces leave "
-        "Python's allocator fragmented (glibc's heap is trimmed after the batch and after the "
-        "reply). The same set through libnftables settles ~15 MiB lower (154 MiB, measured "
-        "2026-12-06) but peaks ~200 MiB higher."),
+        "table when allocations of several threads left glibc arenas fragmented; the agent "
+        "runs with one malloc arena (nft.one_malloc_arena) and trims the heap after large "
+        "requests."),
     "new connections/s at": (
-        "Over the four runs of 2026-12-06 on a settled machine this ratio was 1.02, 0.99, 0.90 "
-        "and 0.87 (`python -m bench.run --only million`); in the last two the routed flow was "
-        "faster at a million keys than at 10 (it crosses the same prerouting map lookups, which "
-        "miss), and the PORTFW flow 6-9% slower. What only the PORTFW flow pays is the hit: the "
-        "element's counter and the NAT. Not explained yet; more rounds would tell noise from cost."),
+        "Over the runs of 2026-12-06 this ratio was 1.02, 0.99, 0.90, 0.87 and, after the "
+        "direct maps were sharded, 1.03 (`python -m bench.run --only million`). A routed "
+        "connection crosses the same prerouting lookups (they miss), so a cost of the maps' "
+        "size alone cancels out; what only PORTFW pays is the hit (the element's counter and "
+        "the NAT). The spread is this machine's noise on two shared cores as far as measured."),
     "peak RSS during": (
         "The request's text and parsed objects and the canonical entries are alive at once "
         "(the elements no longer pass through libnftables)."),
@@ -488,7 +490,7 @@ def million_section(doc):
             ("agent RSS: peak during the set / settled after it",
              "%s / %s MiB" % (f(s["set_peak_rss_mib"], "%.0f"), f(s["rss_after_set_mib"], "%.0f"))),
             ("full re-syncs the set fell back to (0: the PORTFW batch took it)", s.get("full_syncs_during_set")),
-            ("restart with the keys stored, until the socket answers (one libnftables transaction) / "
+            ("restart with the keys stored and the table in place, until the socket answers / "
              "as a multiple of `nft -f`", "%s s / %sx" % (f(s["restart_s"], "%.1f"), f(s["restart_x_nft_f"], "%.2f"))),
             ("agent RSS: peak during that restart / after it",
              "%s / %s MiB" % (f(s["restart_peak_rss_mib"], "%.0f"), f(s["restart_rss_mib"], "%.0f")))]
@@ -503,9 +505,9 @@ def million_section(doc):
               f(s["per_packet_%d_vs_10_normalized" % keys], "%.3f"))]
     return ("## One million PORTFW keys\n\n%s\n\n" % _method(doc)
             + table(["measure", "value"], rows)
-            + "\nPORTFW changes go to the kernel as one nfnetlink batch (masqd/portfw_batch.py); "
-              "the restart's full re-sync is still one libnftables transaction, whose parse of a million "
-              "elements is what its peak RSS shows.\n\n")
+            + "\nPORTFW changes go to the kernel as one nfnetlink batch (masqd/portfw_batch.py), "
+              "and so do the keys of a restart's re-sync, after the rest of the table "
+              "(docs/architecture.md, \"A re-sync goes in two steps\").\n\n")
 
 
 def _method(doc):

@@ -11,6 +11,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 
 from masqd import sdnotify
 from masqd.client import DEFAULT_SOCKET, SOCKET_ENV, default_socket_path
@@ -104,6 +105,12 @@ def salvage_state(state_dir):
 SWITCH_INTERVAL = 0.001  # seconds (sys.setswitchinterval; CPython's default is 0.005)
 
 
+def _import_watchers():
+    import masqd.watchers.conntrack  # noqa: F401 (imported for later use in main)
+    import masqd.watchers.health  # noqa: F401
+    import masqd.watchers.ruleset  # noqa: F401
+
+
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(stream=sys.stderr, level=args.log_level.upper(), format=LOG_FORMAT)
@@ -113,6 +120,8 @@ def main(argv=None):
     # read (a 100,000-key list or scrape) runs, the default 5 ms per hand-over made a
     # status take up to ~150 ms, 1 ms keeps it near 13 ms (bench/metrics.py).
     sys.setswitchinterval(SWITCH_INTERVAL)
+    from masqd.nft import one_malloc_arena
+    one_malloc_arena()  # before any other thread starts
 
     # Imported here so `masqd --help` works without libnftables.
     from masqd.service import Service
@@ -166,11 +175,16 @@ def main(argv=None):
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
 
+    # The watchers' modules (pyroute2, asyncio: ~0.1 s) load while the start's
+    # libnftables transaction runs, which does not hold the interpreter lock.
+    preload = threading.Thread(target=_import_watchers, name="masqd-preload", daemon=True)
+    preload.start()
     service = None
     try:
         service = Service(args.state_dir)
         service.socket_path = server.socket_path
         service.start()
+        preload.join()
         if not args.no_autofw_watcher:
             from masqd.watchers.conntrack import AutofwWatcher
             service.watcher = AutofwWatcher(service)

@@ -36,8 +36,8 @@ from masqd.nfnetlink import (NETLINK_NETFILTER, NFNL_SUBSYS_NFTABLES, NFPROTO_IN
                              NFTA_SET_ELEM_LIST_TABLE, NFTNL_UDATA_RULE_COMMENT, NLA_F_NESTED, NLM_F_REQUEST,
                              NLMSG_ERROR, PROTOCOL_NUMBERS, PROTOCOL_REGISTERS, attr, attributes, headers)
 
-# The maps whose elements this module writes: every PORTFW key, nothing else.
-MAPS = frozenset(["portfw_v4", "portfw_v6"] + render.direct_maps("v4") + render.direct_maps("v6"))
+# The maps whose elements this module writes (or flushes): every PORTFW key, nothing else.
+MAPS = render.PORTFW_MAPS
 
 NFNL_MSG_BATCH_BEGIN, NFNL_MSG_BATCH_END = 0x10, 0x11
 NFT_MSG_NEWCHAIN, NFT_MSG_DELCHAIN, NFT_MSG_NEWRULE, NFT_MSG_DELRULE = 3, 5, 6, 8
@@ -223,10 +223,10 @@ def rule_attrs(text: str) -> Optional[bytes]:
 def batch_ops(txn: render.Transaction) -> Optional[List[Tuple[render.Op, Optional[bytes]]]]:
     """[(op, its rule's attributes or None)] when every op of `txn` is one this module
     encodes: regular chains added, flushed or deleted, cascade and reject rules, the
-    PORTFW maps' elements. None otherwise: the whole transaction goes to libnftables."""
+    PORTFW maps' elements, and those maps flushed. None otherwise: the whole transaction goes to libnftables."""
     out: List[Tuple[render.Op, Optional[bytes]]] = []
     for op in txn.ops:
-        if op.kind == "element" and op.name in MAPS:
+        if (op.kind == "element" or (op.kind == "map" and op.verb == "flush")) and op.name in MAPS:
             out.append((op, None))
         elif op.kind == "chain" and (op.verb in ("flush", "delete") or (op.verb == "add" and not op.arg.hook)):
             out.append((op, None))
@@ -283,6 +283,9 @@ class BatchWriter:
                     body.append((NFT_MSG_DELCHAIN, 0, chain))
                 else:  # flush: every rule of the chain
                     body.append((NFT_MSG_DELRULE, 0, _nla(NFTA_RULE_TABLE, table) + _nla(NFTA_RULE_CHAIN, name)))
+            elif op.kind == "map":  # flush: a deletion that names no element takes them all
+                body.append((NFT_MSG_DELSETELEM, 0,
+                             _nla(NFTA_SET_ELEM_LIST_TABLE, table) + _nla(NFTA_SET_ELEM_LIST_SET, name)))
             else:
                 head = _nla(NFTA_SET_ELEM_LIST_TABLE, table) + _nla(NFTA_SET_ELEM_LIST_SET, name)
                 if op.verb == "add":

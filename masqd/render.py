@@ -167,7 +167,7 @@ def _op_text(op):
     if op.kind == "map":
         if op.verb == "add":
             return "add %s %s %s { %s }" % (op.arg.kind, QUALIFIED, op.name, op.arg.spec)
-        return "delete %s %s %s" % (op.arg, QUALIFIED, op.name)
+        return "%s %s %s %s" % (op.verb, op.arg, QUALIFIED, op.name)  # delete, or flush (its elements)
     if op.kind == "chain":
         if op.verb == "add" and op.arg.hook:
             return "add chain %s %s { %s }" % (QUALIFIED, op.name, op.arg.hook)
@@ -195,6 +195,45 @@ def full_sync(ruleset):
     ops += [Op("add", "element", name, sorted(elems.items()))
             for name, elems in elements.items() if elems]
     return Transaction(ops)
+
+
+def sync_in_place(ruleset, kernel_kinds, kernel_chains):
+    """full_sync for a table the kernel holds (its objects `kernel_kinds` {map, set or
+    object name: kind} and chains `kernel_chains`) without a moment of PORTFW forwarding
+    lost, as two Transactions; None when the kernel lacks one of PORTFW_MAPS.
+
+    `rest` replaces everything but the PORTFW maps and the cascade chains, which keep
+    forwarding meanwhile: every other chain flushed and deleted, every other map, set
+    and object deleted, then the rendering's added. `keys` (one PORTFW batch) then
+    empties the PORTFW maps, flushes the cascade chains to keep (deletes the others),
+    adds the new ones, their rules and every key's element, atomically."""
+    if not PORTFW_MAPS <= set(kernel_kinds):
+        return None
+    chains, maps, elements = ruleset.objects()
+    cascade = _is_cascade_chain
+    others = [name for name in kernel_chains if not cascade(name)]
+    rest = [Op("flush", "chain", name, None) for name in others]
+    rest += [Op("delete", "map", name, kind) for name, kind in kernel_kinds.items() if name not in PORTFW_MAPS]
+    rest += [Op("delete", "chain", name, None) for name in others]
+    rest += [Op("add", "map", m.name, m) for m in maps.values() if m.name not in PORTFW_MAPS]
+    kept = [c for c in chains.values() if not cascade(c.name)]
+    rest += [Op("add", "chain", c.name, c) for c in kept]
+    rest += [Op("add", "rule", c.name, r) for c in kept for r in c.rules]
+    rest += [Op("add", "element", name, sorted(elems.items()))
+             for name, elems in elements.items() if elems and name not in PORTFW_MAPS]
+    keys = [Op("flush", "map", name, "map") for name in sorted(PORTFW_MAPS)]
+    keys += [Op("flush" if name in chains else "delete", "chain", name, None)
+             for name in kernel_chains if cascade(name)]
+    built = [c for c in chains.values() if cascade(c.name)]
+    keys += [Op("add", "chain", c.name, c) for c in built if c.name not in kernel_chains]
+    keys += [Op("add", "rule", c.name, r) for c in built for r in c.rules]
+    keys += [Op("add", "element", name, sorted(elems.items()))
+             for name, elems in elements.items() if elems and name in PORTFW_MAPS]
+    return Transaction(rest), Transaction(keys)
+
+
+def _is_cascade_chain(name):
+    return name.startswith("pf_")  # portfw_chain_name
 
 
 def diff(old, new, fids=None):
@@ -379,6 +418,9 @@ for _fam_, _addr in ((4, "ipv4_addr"), (6, "ipv6_addr")):
     # counter = connections, from which list computes pcnt.
     BASE_MAPS += [MapDef(name, "map", "type %s . inet_proto . inet_service : %s . inet_service; counter;"
                          % (_addr, _addr)) for name in direct_maps(_s)]
+# Every PORTFW key is one element of these (and a multi-backend key has a cascade chain).
+PORTFW_MAPS = frozenset(["portfw_v4", "portfw_v6"] + direct_maps("v4") + direct_maps("v6"))
+
 BASE_MAPS += [
     # AUTOFW control-port entries (-c): range -> the entry's chain (autofw_fragment).
     MapDef("autofw_ranges", "map", "type inet_proto . inet_service : verdict; flags interval;"),

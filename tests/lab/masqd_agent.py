@@ -17,6 +17,18 @@ VENV_BIN = os.path.dirname(PYTHON)
 TEST_USER = "masqd-test"
 
 
+def table_objects(listing):
+    """The top-level objects (maps, sets, chains) of an `nft list table` text, whatever
+    their order: a re-sync re-creates objects, and the kernel lists them in the order
+    they were created. What is inside each (rules in order, elements) stays as listed."""
+    blocks = []
+    for line in [l for l in (listing or "").splitlines()[1:-1] if l.strip()]:  # inside "table inet masqd { }"
+        if line.startswith("\t") and not line.startswith("\t\t") and not line.strip() == "}":
+            blocks.append([])
+        blocks[-1].append(line)
+    return sorted("\n".join(b) for b in blocks)
+
+
 class Agent:
     """One masqd in `host`'s namespace of `lab`, with its own state dir and socket."""
 

@@ -14,7 +14,7 @@ import pytest
 from ipmasq_lab import probes
 
 sys.path.insert(0, os.path.dirname(__file__))
-from masqd_agent import run_script, running_agent  # noqa: E402
+from masqd_agent import run_script, running_agent, table_objects  # noqa: E402
 
 pytestmark = pytest.mark.lab
 
@@ -121,8 +121,8 @@ def test_every_kind_of_foreign_change_inside_the_table_is_repaired(agent, change
         handle = re.findall(r"# handle (\d+)", listing)[-1]
         change = [handle if word == "HANDLE" else word for word in change]
     agent.nft(*change)
-    assert wait_for(lambda: without_counters(table_or_none(agent)) == expected, timeout=1.0), \
-        "not repaired:\n%s" % table_or_none(agent)
+    assert wait_for(lambda: table_objects(without_counters(table_or_none(agent))) == table_objects(expected),
+                    timeout=1.0), "not repaired:\n%s" % table_or_none(agent)
     assert status(agent)["drift"]["count"] == 1
 
 

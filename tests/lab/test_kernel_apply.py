@@ -6,12 +6,16 @@ Each test runs a small Python program inside the lab's namespace (the Service wi
 the real libnftables backend) and checks what `nft` lists there."""
 
 import json
+import os
 import sys
 import textwrap
 
 import pytest
 
-from masqd import render
+sys.path.insert(0, os.path.dirname(__file__))
+from masqd_agent import table_objects  # noqa: E402
+
+from masqd import render  # noqa: E402
 
 pytestmark = pytest.mark.lab
 
@@ -66,16 +70,6 @@ def gw(lab_factory):
     return lab
 
 
-def objects(listing):
-    """The top-level objects (maps, sets, chains) of a table listing, whatever their order."""
-    blocks = []
-    for line in [l for l in listing.splitlines()[1:-1] if l.strip()]:  # inside "table inet masqd { }"
-        if line.startswith("\t") and not line.startswith("\t\t") and not line.strip() == "}":
-            blocks.append([])
-        blocks[-1].append(line)
-    return sorted("\n".join(b) for b in blocks)
-
-
 def test_full_apply_exactly_one_table_and_others_untouched(gw, tmp_path):
     other = nft(gw, "list", "table", "inet", "other")
     out = run_in(gw, """
@@ -93,7 +87,7 @@ def test_full_apply_exactly_one_table_and_others_untouched(gw, tmp_path):
     # a second agent start replaces the table (a full re-sync creates the objects in
     # another order than the changes did): the same objects, other still untouched
     run_in(gw, "Service(%r).start(); print(json.dumps({}))" % str(tmp_path))
-    assert objects(nft(gw, "list", "table", "inet", "masqd")) == objects(listing)
+    assert table_objects(nft(gw, "list", "table", "inet", "masqd")) == table_objects(listing)
     assert nft(gw, "list", "table", "inet", "other") == other
 
 
@@ -168,24 +162,29 @@ def test_restart_after_kill_reconciles(gw, tmp_path):
         print(json.dumps({"revision": svc.handle({"op": "status"})["revision"],
                           "mfw": svc.handle({"op": "list", "table": "mfw"})["result"]["entries"]}))
     """ % str(tmp_path))
-    assert objects(nft(gw, "list", "table", "inet", "masqd")) == objects(out["listing"])
+    assert table_objects(nft(gw, "list", "table", "inet", "masqd")) == table_objects(out["listing"])
     assert again["revision"] == 6
     heads = [b["address"] for b in again["mfw"][1]["backends"] if b["head"]]
     assert heads == ["10.16.0.28"]
     assert "dnat ip to 10.16.0.28:8080" in out["listing"]
 
 
-def test_cold_start_builds_the_table_a_full_sync_builds(gw, tmp_path):
-    """With no table in the kernel, a start loads the rest of the table first and the
-    PORTFW keys as one netlink batch; the table is the one a single full re-sync
-    writes, and a start with the table in place stays one libnftables transaction."""
+def test_a_start_in_two_steps_builds_the_table_a_full_sync_builds(gw, tmp_path):
+    """A start loads the PORTFW keys as one netlink batch after the rest of the table:
+    with no table in the kernel, the rest first, then the keys; with the table in
+    place (and meddled with), the rest is replaced while the PORTFW maps keep every key,
+    then one batch refills them. Either way the table is the one a single full re-sync
+    writes."""
     out = run_in(gw, """
         import subprocess
-        from masqd import portfw_batch
+        from masqd import nfnetlink, portfw_batch
         from masqd.nft import LibNftables
         def listing():
             return subprocess.run(["nft", "list", "table", "inet", "masqd"], capture_output=True, text=True,
                                   check=True).stdout
+        def portfw_elements():
+            with nfnetlink.Dumper() as d:
+                return sum(d.element_count("masqd", name) for name in render.PORTFW_MAPS)
         svc = Service(%r); svc.start(); load_scenario(svc)
         ok(svc, op="set", table="portfw", entries=[
             {"protocol": "udp" if i %% 5 else "tcp", "local_address": "2001:db8::%%x" %% (i %% 7) if i %% 4 == 0
@@ -197,20 +196,34 @@ def test_cold_start_builds_the_table_a_full_sync_builds(gw, tmp_path):
         batches = []
         commit = portfw_batch.BatchWriter.commit
         def counted(self, ops, alongside=None):
-            batches.append(len(ops))
+            batches.append((len(ops), portfw_elements()))  # what forwards just before the batch
             return commit(self, ops, alongside)
         portfw_batch.BatchWriter.commit = counted
+        import logging
+        refused = []
+        logging.getLogger("masqd.service").addHandler(logging.Handler())
+        logging.getLogger("masqd.service").handlers[-1].emit = lambda record: refused.append(record.getMessage())
         cold = Service(%r); cold.start()
         after_cold, cold_batches = listing(), list(batches)
-        LibNftables().apply(render.full_sync(cold._ruleset))
-        warm = Service(%r); warm.start()  # the table is there: one transaction, no batch
-        print(json.dumps({"cold": after_cold, "whole": listing(), "batches": cold_batches,
-                          "warm_batches": len(batches) - len(cold_batches)}))
+        subprocess.run(["nft", "-f", "-"], check=True, text=True, input=(
+            "add chain inet masqd junk\\nadd rule inet masqd junk counter\\nadd chain inet masqd pf_00000000000000ee\\n"
+            "delete element inet masqd mfw_marks { 3 }\\nflush chain inet masqd mark_prerouting\\n"
+            "add element inet masqd portfw_direct_v4_4 { 198.51.100.1 . tcp . 4444 : 10.16.0.99 . 1 }\\n"))
+        warm = Service(%r); warm.start()
+        after_warm, warm_batches = listing(), batches[len(cold_batches):]
+        LibNftables().apply(render.full_sync(warm._ruleset))
+        print(json.dumps({"cold": after_cold, "warm": after_warm, "whole": listing(), "cold_batches": cold_batches,
+                          "warm_batches": warm_batches, "refused": [m for m in refused if "refused" in m]}))
     """ % (str(tmp_path), str(tmp_path), str(tmp_path)), timeout=120)
-    assert objects(out["cold"]) == objects(out["whole"])  # the cascade chains come later in the listing
+    assert out["refused"] == []  # both starts went in two steps, neither fell back to one transaction
+    assert table_objects(out["cold"]) == table_objects(out["whole"])  # the cascade chains come later in the listing
+    assert table_objects(out["warm"]) == table_objects(out["whole"])  # the meddling undone
     assert "pf_" in out["cold"] and "2001:db8::6 . udp" in out["cold"] and "mfw_7" in out["cold"]
-    assert len(out["batches"]) == 1 and out["batches"][0] > 3000  # every key's element, and the cascades
-    assert out["warm_batches"] == 0
+    assert "junk" not in out["warm"] and "4444" not in out["warm"] and "pf_00000000000000ee" not in out["warm"]
+    ((size, before),) = out["cold_batches"]
+    assert size > 3000 and before == 0  # every key's element and the cascades, into empty maps
+    ((size, before),) = out["warm_batches"]
+    assert size > 3000 and before == 3001  # the rest replaced, every key (and the junk one) still there
 
 
 def test_plan_uses_kernel_dry_run(gw, tmp_path):

@@ -50,9 +50,11 @@ def portfw_entry(port, backends=1):
 
 
 def canonical_table(objects):
-    """An nft JSON listing of `inet masqd` without handles, counter values and the
-    order of map/set elements (a hash set lists in its own random-seeded order)."""
-    out = []
+    """An nft JSON listing of `inet masqd` without handles, counter values, the order
+    of map/set elements (a hash set lists in its own random-seeded order) and the order
+    of chains, maps and sets (the kernel lists them as they were created, and a re-sync
+    re-creates them): (sorted objects, {chain: its rules in order})."""
+    out, rules = [], {}
     for obj in objects or []:
         (kind, body), = obj.items()
         if kind == "metainfo":
@@ -60,8 +62,12 @@ def canonical_table(objects):
         body = {k: v for k, v in body.items() if k != "handle"}
         if kind in ("map", "set") and "elem" in body:
             body["elem"] = sorted(json.dumps(e, sort_keys=True) for e in body["elem"])
-        out.append(re.sub(r'"counter": \{[^}]*\}', '"counter": {}', json.dumps({kind: body}, sort_keys=True)))
-    return out
+        text = re.sub(r'"counter": \{[^}]*\}', '"counter": {}', json.dumps({kind: body}, sort_keys=True))
+        if kind == "rule":
+            rules.setdefault(body["chain"], []).append(text)
+        else:
+            out.append(text)
+    return sorted(out), rules
 
 
 def kernel_table(lab, host="gateway"):

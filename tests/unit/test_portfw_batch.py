@@ -40,6 +40,7 @@ def test_a_portfw_transaction_is_taken_whole():
     Op("add", "rule", "pf_1", 'meta l4proto tcp counter dnat ip to 10.0.0.1:80; flush ruleset'),
     Op("add", "rule", "pf_1", "meta l4proto tcp counter dnat ip to [10.0.0.1]:80"),  # family and address disagree
     Op("add", "rule", "pf_1", "meta l4proto tcp counter dnat ip to 10.0.0.1:99999"),
+    Op("flush", "map", "mfw_marks", "map"),  # not a PORTFW map
 ])
 def test_anything_else_leaves_the_whole_transaction_to_libnftables(op):
     assert portfw_batch.batch_ops(portfw_txn(op)) is None
@@ -141,6 +142,14 @@ def test_batch_layout_and_one_element_of_each_kind():
     verdict = nfnetlink.attributes(data[portfw_batch.NFTA_DATA_VERDICT])
     assert struct.unpack(">i", verdict[portfw_batch.NFTA_VERDICT_CODE]) == (portfw_batch.NFT_GOTO,)
     assert nfnetlink.string(verdict[portfw_batch.NFTA_VERDICT_CHAIN]) == "pf_00000000000000aa"
+
+
+def test_a_flushed_map_is_a_deletion_that_names_no_element():
+    ops = portfw_batch.batch_ops(Transaction([Op("flush", "map", "portfw_direct_v6_7", "map")]))
+    (_begin, (msg_type, _flags, _seq, attrs), _end) = decode(writer().messages(ops))
+    assert msg_type & 0xFF == portfw_batch.NFT_MSG_DELSETELEM
+    assert nfnetlink.string(attrs[nfnetlink.NFTA_SET_ELEM_LIST_SET]) == "portfw_direct_v6_7"
+    assert nfnetlink.NFTA_SET_ELEM_LIST_ELEMENTS not in attrs
 
 
 # nft's (inet_ntop's) text of an address, as render writes it

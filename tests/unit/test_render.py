@@ -9,7 +9,7 @@ import re
 
 import pytest
 
-from masqd import model, render
+from masqd import model, portfw_batch, render
 from masqd.nft import FakeNftables, NftError
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "golden")
@@ -175,6 +175,40 @@ def test_remove_and_change_key():
     fake.apply(txn)
     assert fake.dump() == new.dump()
     assert render.diff(new, new, None).ops == []
+
+
+@pytest.mark.parametrize("scenario", sorted(SCENARIOS))
+def test_sync_in_place_leaves_what_a_full_sync_leaves(scenario):
+    """From an older table with other keys, other marks and junk, the two steps of
+    sync_in_place give the full sync's table; the first leaves every PORTFW element and
+    cascade chain as it was (they keep forwarding), and the second is one PORTFW batch."""
+    old_state = tables(portfw=[key_entry(i, backends=1 + i % 2) for i in range(12)],
+                       mfw=[{"mark": 9, "backends": [{"address": "10.16.0.9"}]}])
+    old = render.render(old_state)
+    fake = FakeNftables()
+    fake.apply(render.full_sync(old))
+    fake.apply(render.Transaction([render.Op("add", "chain", "junk", render.Chain("junk", None, ())),
+                                   render.Op("add", "rule", "junk", "counter")]))
+    new = render.render(SCENARIOS[scenario])
+    kernel = fake.read_table()
+    rest, keys = render.sync_in_place(new, kernel.kinds, [name for kind, name in kernel.shape if kind == "chain"])
+    portfw_before = {n: e for n, e in fake.elements.items() if n in render.PORTFW_MAPS}
+    cascades_before = {n: c for n, c in fake.chains.items() if n.startswith("pf_")}
+    fake.apply(rest)
+    assert {n: e for n, e in fake.elements.items() if n in render.PORTFW_MAPS} == portfw_before
+    assert {n: c for n, c in fake.chains.items() if n.startswith("pf_")} == cascades_before
+    assert portfw_batch.batch_ops(keys) is not None
+    fake.apply(keys)
+    whole = FakeNftables()
+    whole.apply(render.full_sync(new))
+    assert fake.dump() == whole.dump()
+
+
+def test_sync_in_place_needs_the_portfw_maps():
+    _state, rs, fake = loaded(3)
+    kernel = fake.read_table()
+    del kernel.kinds["portfw_direct_v4_0"]
+    assert render.sync_in_place(rs, kernel.kinds, ["prerouting"]) is None
 
 
 def test_fake_kernel_is_atomic_and_strict():

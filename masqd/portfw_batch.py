@@ -223,7 +223,8 @@ def rule_attrs(text: str) -> Optional[bytes]:
 def batch_ops(txn: render.Transaction) -> Optional[List[Tuple[render.Op, Optional[bytes]]]]:
     """[(op, its rule's attributes or None)] when every op of `txn` is one this module
     encodes: regular chains added, flushed or deleted, cascade and reject rules, the
-    PORTFW maps' elements, and those maps flushed. None otherwise: the whole transaction goes to libnftables."""
+    PORTFW maps' elements, and those maps flushed. None otherwise: the whole
+    transaction goes to libnftables."""
     out: List[Tuple[render.Op, Optional[bytes]]] = []
     for op in txn.ops:
         if (op.kind == "element" or (op.kind == "map" and op.verb == "flush")) and op.name in MAPS:

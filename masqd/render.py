@@ -429,6 +429,7 @@ BASE_MAPS += [
     MapDef("mark_values", "set", "type mark;"),
 ]
 
+
 def _direct_dispatch(fam):
     """The prerouting rule that jumps to a key's direct shard chain (`direct_shard`)."""
     ipkw, low = ("ip6", "::%x") if fam == 6 else ("ip", "0.0.0.%d")

@@ -59,7 +59,7 @@ def json_depth(value, limit=MAX_DEPTH):
         below = []
         append = below.append
         for item in level:
-            for child in (item.values() if type(item) is dict else item):
+            for child in (item.values() if isinstance(item, dict) else item):
                 kind = type(child)  # json.loads makes plain dicts and lists only: no isinstance needed
                 if kind is dict or kind is list:
                     append(child)

@@ -20,8 +20,8 @@ def nla(kind, payload):
 
 def element(key, data, packets, extra=b""):
     """An element as the kernel dumps one of a map with `counter` (no NESTED flags)."""
-    counter = nla(NFTA_EXPR_NAME, b"counter\0") + nla(NFTA_EXPR_DATA, nla(1, struct.pack(">Q", packets * 60))
-                                                       + nla(2, struct.pack(">Q", packets)))
+    data_attrs = nla(1, struct.pack(">Q", packets * 60)) + nla(2, struct.pack(">Q", packets))  # BYTES, PACKETS
+    counter = nla(NFTA_EXPR_NAME, b"counter\0") + nla(NFTA_EXPR_DATA, data_attrs)
     return nla(NFTA_LIST_ELEM, nla(NFTA_SET_ELEM_KEY, nla(NFTA_DATA_VALUE, key))
                + nla(NFTA_SET_ELEM_DATA, nla(NFTA_DATA_VALUE, data)) + nla(NFTA_SET_ELEM_EXPR, counter) + extra)
 

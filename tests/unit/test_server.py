@@ -87,8 +87,8 @@ def test_a_streamed_list_comes_in_parts_that_the_client_joins(running, count):
     assert after["result"]["echo"] == {"op": "get", "table": "portfw"}
     parts = raw_exchange(path, json.dumps({"op": "list", "count": count, "stream": True}).encode() + b"\n",
                          parts=max(1, -(-count // STREAM_ENTRIES)))
-    assert [len(p["result"]["entries"]) for p in parts] == [
-        min(STREAM_ENTRIES, count - start) for start in range(0, count, STREAM_ENTRIES)] or [0]
+    sizes = [min(STREAM_ENTRIES, count - start) for start in range(0, count, STREAM_ENTRIES)] or [0]
+    assert [len(p["result"]["entries"]) for p in parts] == sizes
     assert [p.get("more") for p in parts] == [True] * (len(parts) - 1) + [None]
     assert all(p["ok"] and p["revision"] == 3 for p in parts)
 

@@ -5,6 +5,7 @@ import os
 import pytest
 
 from masqd import nfnetlink, render
+from masqd import service as service_module
 from masqd.nft import FakeNftables
 from masqd.service import AUTOFW_CONTROL_STATUS, Service
 
@@ -339,35 +340,35 @@ def test_a_set_without_echo_answers_with_counts_and_changes_the_same(svc):
     assert ok(svc, op="set", table="portfw", entries=[WEB])["result"]["entries"][0]["local_port"] == 80
 
 
-@pytest.mark.parametrize("request_", [
-    {"op": "set", "table": "portfw", "entries": [], "echo": "no"},
-    {"op": "set", "table": "portfw", "entries": [], "echo": 0},
-    {"op": "get", "table": "portfw", "echo": False},
-    {"op": "add", "table": "portfw", "entry": WEB, "echo": False},
+@pytest.mark.parametrize("request_, field", [
+    ({"op": "set", "table": "portfw", "entries": [], "echo": "no"}, "echo"),
+    ({"op": "set", "table": "portfw", "entries": [], "echo": 0}, "echo"),
+    ({"op": "get", "table": "portfw", "echo": False}, "echo"),
+    ({"op": "add", "table": "portfw", "entry": WEB, "echo": False}, "echo"),
+    ({"op": "list", "table": "portfw", "stream": "yes"}, "stream"),
+    ({"op": "list", "table": "portfw", "stream": 1}, "stream"),
+    ({"op": "get", "table": "portfw", "stream": True}, "stream"),
+    ({"op": "set", "table": "portfw", "entries": [WEB], "stream": True}, "stream"),
+    ({"op": "list", "stream": True}, "stream"),  # of every table: one line
 ])
-def test_a_bad_echo_is_refused_naming_it_and_changes_nothing(svc, request_):
+def test_a_bad_echo_or_stream_is_refused_naming_it_and_changes_nothing(svc, request_, field):
     ok(svc, op="add", table="masquerade", entry={"name": "web", "source": "10.16.0.27/32"})
     state = snapshot(svc)
     resp = svc.handle(request_)
-    assert not resp["ok"] and resp["error"]["field"] == "echo", resp
+    assert not resp["ok"] and resp["error"]["field"] == field, resp
     assert snapshot(svc)[:3] == state[:3]
 
 
-@pytest.mark.parametrize("request_", [
-    {"op": "list", "table": "portfw", "stream": "yes"},
-    {"op": "list", "table": "portfw", "stream": 1},
-    {"op": "get", "table": "portfw", "stream": True},
-    {"op": "set", "table": "portfw", "entries": [WEB], "stream": True},
-    {"op": "list", "stream": True},  # of every table: one line
-])
-def test_a_bad_stream_is_refused_naming_it_and_changes_nothing(svc, request_):
+def test_a_streamed_list_is_its_entries_in_parts(svc, monkeypatch):
+    monkeypatch.setattr(service_module, "STREAM_ENTRIES", 2)
     ok(svc, op="add", table="masquerade", entry={"name": "web", "source": "10.16.0.27/32"})
-    state = snapshot(svc)
-    resp = svc.handle(request_)
-    assert not resp["ok"] and resp["error"]["field"] == "stream", resp
-    assert snapshot(svc)[:3] == state[:3]
+    ok(svc, op="set", table="portfw", entries=[dict(WEB, local_port=port) for port in (80, 81, 82)]
+       + [dict(WEB, local_port=83, backends=WEB["backends"][:1])])
     (part,) = ok(svc, op="list", table="masquerade", stream=True)["result"]["entries"]
-    assert part[0]["name"] == "web"
+    assert [e["name"] for e in part] == ["web"]
+    parts = list(ok(svc, op="list", table="portfw", stream=True)["result"]["entries"])
+    assert [len(p) for p in parts] == [2, 2]
+    assert [row for p in parts for row in p] == ok(svc, op="list", table="portfw")["result"]["entries"]
 
 
 def test_tables_and_table_together_are_refused(svc):

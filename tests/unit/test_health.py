@@ -300,7 +300,10 @@ def test_watcher_tcp_down_and_up_on_loopback():
         listener.bind(("127.0.0.1", port))
         listener.listen(64)
         _wait(lambda: fake.calls[-1:] == [("127.0.0.1", port, True)])
-        assert watcher.stats()["transitions"] >= 2 and watcher.stats()["up"] == 1
+        # The watcher counts a transition once the commit worker is done (_committed, a
+        # callback on its loop), a moment after the Service was told.
+        _wait(lambda: watcher.stats()["transitions"] >= 2)
+        assert watcher.stats()["up"] == 1
         fake.targets, fake._revision = {}, 2  # configuration changed: the target is forgotten
         _wait(lambda: watcher.stats()["targets"] == 0)
     finally:

@@ -197,6 +197,17 @@ def full_sync(ruleset):
     return Transaction(ops)
 
 
+def sync_in_two(ruleset, kernel_kinds, kernel_chains):
+    """full_sync as two Transactions: everything but the PORTFW keys (for libnftables),
+    then the keys (one PORTFW batch). With no table in the kernel (`kernel_kinds`
+    None) nothing of ours forwards yet: the rest of the table, then the keys' diff from
+    none. Otherwise sync_in_place."""
+    if kernel_kinds is None:
+        rest = Ruleset(ruleset.fragments, {}, ruleset.phases, ruleset.down)
+        return full_sync(rest), diff(rest, ruleset, [("portfw", key) for key in ruleset.portfw])
+    return sync_in_place(ruleset, kernel_kinds, kernel_chains)
+
+
 def sync_in_place(ruleset, kernel_kinds, kernel_chains):
     """full_sync for a table the kernel holds (its objects `kernel_kinds` {map, set or
     object name: kind} and chains `kernel_chains`) without a moment of PORTFW forwarding

@@ -204,6 +204,18 @@ def test_sync_in_place_leaves_what_a_full_sync_leaves(scenario):
     assert fake.dump() == whole.dump()
 
 
+@pytest.mark.parametrize("scenario", sorted(SCENARIOS))
+def test_sync_in_two_from_no_table_leaves_what_a_full_sync_leaves(scenario):
+    ruleset = render.render(SCENARIOS[scenario])
+    rest, keys = render.sync_in_two(ruleset, None, ())
+    assert portfw_batch.batch_ops(keys) is not None or not keys
+    fake, whole = FakeNftables(), FakeNftables()
+    fake.apply(rest)
+    fake.apply(keys)
+    whole.apply(render.full_sync(ruleset))
+    assert fake.dump() == whole.dump()
+
+
 def test_sync_in_place_needs_the_portfw_maps():
     _state, rs, fake = loaded(3)
     kernel = fake.read_table()

@@ -459,6 +459,21 @@ def ab(lab, address, port, requests, concurrency=16, seconds=20):
     return rate, complete, failed
 
 
+def masqd_listing(lab, host, timeout=300):
+    """`nft -s list table` of each of masqd's tables (render.TABLES) in `host`, as one
+    file `nft -f` loads."""
+    from masqd import render
+    return "".join(lab.run(host, ["nft", "-s", "list", "table", "inet", name], timeout=timeout, check=True).stdout
+                   for name in render.TABLES)
+
+
+def delete_masqd_tables(lab, host, timeout=300):
+    """Every one of masqd's tables in `host`, in one transaction (absent ones too)."""
+    from masqd import render
+    text = "; ".join("add table inet %s; delete table inet %s" % (name, name) for name in render.TABLES)
+    lab.run(host, ["nft", text], timeout=timeout, check=True)
+
+
 def conntrack_flush(lab, host="gateway"):
     lab.run(host, ["conntrack", "-F"], timeout=10)
 

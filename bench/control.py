@@ -40,7 +40,7 @@ def run(quick=False, keys=100000):
         if r.returncode != 0:
             raise RuntimeError("control worker failed: %s" % r.stderr[-1000:])
         inproc = json.loads(r.stdout.strip().splitlines()[-1])
-        lab.run("gateway", ["nft", "delete", "table", "inet", "masqd"], timeout=60)
+        common.delete_masqd_tables(lab, "gateway", timeout=60)
         log("control in-process: set %d keys median %.2f s, add one %.1f ms, delete one %.1f ms", keys,
             inproc["set_median_s"], median(inproc["add_one_s"]) * 1e3, median(inproc["delete_one_s"]) * 1e3)
 
@@ -181,7 +181,7 @@ def _list_while_writing(agent, limit=500):
 def _against_nft_f(lab, agent, work, keys, repeats):
     """A socket `set` of `keys` PORTFW keys (from an empty table, `echo: false` as the
     masq_* modules send it) against the kernel's own cost for the same table: `nft -f` of the
-    table the agent programmed (`nft -s list table inet masqd`, written to a file), loaded
+    tables the agent programmed (`nft -s list table` of each, written to a file), loaded
     into another namespace of the lab that has no agent; alternated, `repeats` times."""
     ruleset = os.path.join(work, "masqd-table.nft")
     entries = portfw_entries(keys)
@@ -197,14 +197,12 @@ def _against_nft_f(lab, agent, work, keys, repeats):
             peak_kib.append(agent.peak_rss_kib())
             after_kib.append(agent.rss_kib())
             if not nft_f:  # the table as the agent programmed it, once
-                listing = lab.run("gateway", ["nft", "-s", "list", "table", "inet", "masqd"], timeout=300,
-                                  check=True)
                 with open(ruleset, "w") as f:
-                    f.write(listing.stdout)
+                    f.write(common.masqd_listing(lab, "gateway"))
             t0 = common.now()
             lab.run("client", ["nft", "-f", ruleset], timeout=300, check=True)
             nft_f.append(common.now() - t0)
-            lab.run("client", ["nft", "delete", "table", "inet", "masqd"], timeout=300, check=True)
+            common.delete_masqd_tables(lab, "client")
         _profiled_set(agent, c, entries, os.path.join(PROFILES, "pyspy_socket_set_%d.txt" % keys))
     return {"socket_set_s": socket_set, "nft_f_s": nft_f,
             "socket_set_median_s": median(socket_set), "nft_f_median_s": median(nft_f),

@@ -77,7 +77,7 @@ def run(quick=False, keys=KEYS):
         t0 = common.now()
         lab.run("client", ["nft", "-f", reference], timeout=900, check=True)
         nft_f_s = common.now() - t0
-        lab.run("client", ["nft", "delete", "table", "inet", "masqd"], timeout=300, check=True)
+        common.delete_masqd_tables(lab, "client")
         log("million: nft -f of the same table %.1f s (socket set %.2fx)", nft_f_s, set_s / nft_f_s)
         agent.stop()
         _settle()

@@ -16,6 +16,12 @@ twice:
 Per size and libnftables, in a lab of its own: the agent starts with N two-backend keys
 stored, then 15 times adds and deletes one more two-backend key over the socket
 (medians); the same for a one-backend key.
+
+The multi-backend keys live in render.PORTFW_SHARDS tables of their own so that the
+kernel validates one shard per commit; each shard table hooks prerouting. What those
+hooks cost a new connection is measured beside it (`hooks`): ab through a one-backend
+key (client -> gateway -> nginx), the table loaded by `nft -f` with the shard tables
+and without them, alternated, with the routed path to the same server as the ceiling.
 """
 
 import contextlib
@@ -56,6 +62,8 @@ def run(quick=False):
                 log("multi_backend: %s, %d two-backend keys: add %.1f ms, delete %.1f ms (one-backend add %.1f ms)",
                     where, n, row["add_ms"], row["delete_ms"], row["single_add_ms"])
                 rows.append(row)
+    from masqd import render
+    hooks = _hook_cost(quick)
     at = {(r["where"], r["keys"]): r for r in rows}
     targets = {}
     for n in sizes:
@@ -63,9 +71,53 @@ def run(quick=False):
             r = at[(where, n)]
             targets["one two-backend key add/delete at %d two-backend keys <= 25 ms (%s)" % (n, where)] = \
                 max(r["add_ms"], r["delete_ms"]) <= 25
+    targets["new connections/s through a one-backend key with the shard tables' hooks >= 0.95x without"] = \
+        (hooks["with_vs_without"] or 0) >= 0.95
     return {"method": {"sizes": list(sizes), "ops": OPS, "statistic": "median",
-                       "two_backend_key": "pref 10 / 5", "nft": versions},
-            "summary": {"rows": rows}, "targets": targets}
+                       "two_backend_key": "pref 10 / 5", "nft": versions,
+                       "hooks": {"rounds": hooks["rounds"], "ab_requests": hooks["requests"], "ab_concurrency": 16,
+                                 "interleaved": True}},
+            "summary": {"rows": rows, "shards": render.PORTFW_SHARDS,
+                        "hooks": {k: v for k, v in hooks.items() if k != "raw"}},
+            "raw": {"hooks": hooks["raw"]}, "targets": targets}
+
+
+def _hook_cost(quick):
+    """New connections/s through a one-backend PORTFW key with the shard tables (and
+    their prerouting hooks) loaded and without them, and routed to the same server."""
+    from masqd import model, render
+    rounds, requests = (3, 4000) if quick else (7, 20000)
+    port = 8002
+    entry = {"protocol": "tcp", "local_address": common.GATEWAY_OUT, "local_port": 18002,
+             "backends": [{"address": common.SERVER, "port": port}]}
+    whole = render.full_sync(render.render({"portfw": model.normalize_table("portfw", [entry])})).to_text()
+    without = "".join("delete table inet %s\n" % name for name in render.SHARD_TABLES)
+    raw = {"with": [], "without": [], "routing": []}
+    with common.Workdir() as work, _lab("hooks") as lab:
+        conf = common.nginx_conf(work, [port])
+        lab.spawn("server", ["nginx", "-c", conf], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        common.wait_port(lab, "client", common.SERVER, port)
+        files = {}
+        for name, text in (("with", whole), ("without", whole + without)):
+            files[name] = os.path.join(work, "hooks-%s.nft" % name)
+            with open(files[name], "w") as f:
+                f.write(text)
+        for r in range(rounds):
+            order = ["with", "without", "routing"]
+            for how in order[r % 3:] + order[:r % 3]:
+                if how != "routing":
+                    lab.run("gateway", ["nft", "-f", files[how]], timeout=60, check=True)
+                common.conntrack_flush(lab)
+                address, to = (common.SERVER, port) if how == "routing" else (common.GATEWAY_OUT, 18002)
+                rate, _done, failed = common.ab(lab, address, to, requests)
+                raw[how].append(rate)
+                log("multi_backend hooks: %-7s round %d: %s conn/s (%s failed)", how, r, rate, failed)
+        common.delete_masqd_tables(lab, "gateway", timeout=60)
+    out = {how: median(rates) for how, rates in raw.items()}
+    return {"rounds": rounds, "requests": requests, "conn_per_s": out, "raw": raw,
+            "with_vs_without": common.ratio(out["with"], out["without"]),
+            "with_vs_routing": common.ratio(out["with"], out["routing"]),
+            "without_vs_routing": common.ratio(out["without"], out["routing"])}
 
 
 def _measure(lab, work, overlay, n):
@@ -164,9 +216,9 @@ def _debian13(root, work):
             subprocess.run(["umount", "-l", path], check=False, timeout=60)
 
 
-def _lab():
+def _lab(name="multi"):
     import ipmasq_lab
-    return ipmasq_lab.lab(common.triple_spec("multi"))
+    return ipmasq_lab.lab(common.triple_spec(name))
 
 
 if __name__ == "__main__":

@@ -474,9 +474,23 @@ def multi_backend_section(doc):
             + "\nThe same agent and requests; `debian13` runs it with `chroot` in an overlay of the cached "
               "Debian 13 root. PORTFW changes go to the kernel as masqd's own netlink batch, so neither "
               "libnftables is on their path any more (1.0.6 used to fill its cache with every chain of the "
-              "namespace before each change); what is left of a two-backend add is the kernel validating "
-              "the table when a `goto` element is added, the same on both (docs/architecture.md, Known "
-              "limits).\n\n")
+              "namespace before each change). A two-backend add makes the kernel validate the table it "
+              "goes to, walking every cascade chain there: the keys with several backends are spread over "
+              "%d shard tables, so one add walks an eighth of them (docs/architecture.md, \"Multi-backend "
+              "keys in shard tables\").\n\n" % doc["summary"].get("shards", 8)
+            + _hooks_text(doc["summary"].get("hooks")))
+
+
+def _hooks_text(hooks):
+    """What the shard tables' prerouting hooks cost a new connection (multi_backend._hook_cost)."""
+    if not hooks:
+        return ""
+    rate = hooks["conn_per_s"]
+    return ("New connections/s through a one-backend key, ab from the client, alternated over %d rounds: "
+            "%s with the shard tables' prerouting hooks, %s without them (%sx), %s routed to the same server "
+            "(%sx with, %sx without).\n\n"
+            % (hooks["rounds"], f(rate["with"], "%.0f"), f(rate["without"], "%.0f"), f(hooks["with_vs_without"], "%.3f"),
+               f(rate["routing"], "%.0f"), f(hooks["with_vs_routing"], "%.3f"), f(hooks["without_vs_routing"], "%.3f")))
 
 
 def million_section(doc):

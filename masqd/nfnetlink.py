@@ -192,14 +192,16 @@ class Dumper:
                         parts.append(data[offset + 20:offset + length])  # past nfgenmsg
                 offset += (length + 3) & ~3
 
-    def table_exists(self, table: str) -> bool:
-        return any(string(attributes(part).get(NFTA_TABLE_NAME)) == table
-                   for part in self.dump(NFT_MSG_GETTABLE, []))
+    def tables(self) -> List[str]:
+        """The names of the inet tables."""
+        return [string(attributes(part).get(NFTA_TABLE_NAME)) or "" for part in self.dump(NFT_MSG_GETTABLE, [])]
 
-    def chains(self, table: str) -> List[str]:
-        # The kernel's chain dump has no table filter: every inet chain comes back.
-        return [string(attrs.get(NFTA_CHAIN_NAME)) or "" for attrs in self._of_table(
-            NFT_MSG_GETCHAIN, NFTA_CHAIN_TABLE, table)]
+    def chains(self) -> Iterator[Tuple[str, str]]:
+        """(table, chain) of every inet chain: the kernel's chain dump has no table
+        filter, so one dump serves every table."""
+        for part in self.dump(NFT_MSG_GETCHAIN, []):
+            attrs = attributes(part)
+            yield string(attrs.get(NFTA_CHAIN_TABLE)) or "", string(attrs.get(NFTA_CHAIN_NAME)) or ""
 
     def _of_table(self, msg_type: int, table_attr: int, table: str,
                   extra: Optional[List[Tuple[int, bytes]]] = None) -> Iterator[Dict[int, bytes]]:

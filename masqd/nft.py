@@ -40,7 +40,7 @@ class NftError(Exception):
 class KernelTable:
     """One reading of `inet masqd` from the kernel."""
 
-    __slots__ = ("rules", "comments", "timed", "shape", "kinds")
+    __slots__ = ("rules", "comments", "timed", "shape", "kinds", "misplaced")
 
     def __init__(self) -> None:
         self.rules: Dict[str, List[int]] = {}     # chain -> [counter packets of each rule with a counter]
@@ -51,6 +51,20 @@ class KernelTable:
         # their elements are runtime), (kind, name) -> 0
         self.shape: Dict[Tuple[str, str], int] = {}
         self.kinds: Dict[str, str] = {}  # map, set or object name -> "map", "set" or the object's kind
+        # "TABLE NAME" of objects in another of masqd's tables than the one their name
+        # says (render.table_of): only a re-sync of every table removes them. In `shape`
+        # as ("misplaced", "TABLE NAME"), which no rendering has.
+        self.misplaced: List[str] = []
+
+    def place(self, table: str, name: str) -> bool:
+        """Whether `name` belongs in `table`; if not, it is recorded as misplaced."""
+        if render.table_of(name) == table:
+            return True
+        where = "%s %s" % (table, name)
+        if ("misplaced", where) not in self.shape:
+            self.misplaced.append(where)
+            self.shape[("misplaced", where)] = 0
+        return False
 
 
 def shape_of(chains: Dict[str, render.Chain], maps: Dict[str, render.MapDef],
@@ -147,28 +161,37 @@ class LibNftables:
             raise NftError(_first_error(err))
 
     def list_table(self) -> Optional[List[Dict[str, Any]]]:
-        """The table as nft JSON objects, or None when it does not exist."""
+        """The tables (render.TABLES) as nft JSON objects, or None when the main one
+        does not exist."""
+        objects: List[Dict[str, Any]] = []
         self._nft.set_json_output(True)
         try:
-            rc, out, _err = self._nft.cmd("list table %s" % render.QUALIFIED)
+            for table in render.TABLES:
+                rc, out, _err = self._nft.cmd("list table %s %s" % (render.FAMILY, table))
+                if rc != 0 and table == render.TABLE:
+                    return None
+                if rc == 0:
+                    objects += json.loads(out)["nftables"]
         finally:
             self._nft.set_json_output(False)
-        if rc != 0:
-            return None
-        return json.loads(out)["nftables"]
+        return objects
 
     def list_text(self) -> str:
-        rc, out, err = self._nft.cmd("list table %s" % render.QUALIFIED)
-        if rc != 0:
-            raise NftError(_first_error(err))
-        return out
+        """`nft list table` of each of render.TABLES the kernel holds, one after another."""
+        texts = []
+        for table in render.TABLES:
+            rc, out, err = self._nft.cmd("list table %s %s" % (render.FAMILY, table))
+            if rc != 0 and table == render.TABLE:
+                raise NftError(_first_error(err))
+            texts.append(out if rc == 0 else "")
+        return "".join(texts)
 
     def read_elements(self, names: List[str]) -> Dict[str, Dict[str, Dict[str, Any]]]:
         out: Dict[str, Dict[str, Dict[str, Any]]] = {}
         self._nft.set_json_output(True)
         try:
             for name in names:
-                rc, text, _err = self._nft.cmd("list map %s %s" % (render.QUALIFIED, name))
+                rc, text, _err = self._nft.cmd("list map %s %s %s" % (render.FAMILY, render.table_of(name), name))
                 if rc != 0:
                     continue
                 for obj in json.loads(text)["nftables"]:
@@ -192,38 +215,55 @@ class LibNftables:
         elements, ~90 s at 1,000,000); a re-sync needs none."""
         try:
             with nfnetlink.Dumper() as dumper:
-                if not dumper.table_exists(render.TABLE):
+                present = dumper.tables()
+                if render.TABLE not in present:
                     return None
                 table = KernelTable()
-                for chain in dumper.chains(render.TABLE):
-                    table.shape[("chain", chain)] = 0
-                for chain, packets, comment in dumper.rules(render.TABLE):
-                    if chain not in table.comments:
-                        table.comments[chain] = comment
-                    table.shape[("chain", chain)] = table.shape.get(("chain", chain), 0) + 1
-                    if packets is not None:
-                        table.rules.setdefault(chain, []).append(packets)
-                timed = []
-                for name, flags in dumper.sets(render.TABLE).items():
-                    table.kinds[name] = "map" if flags & nfnetlink.NFT_SET_MAP else "set"
-                    if flags & nfnetlink.TIMED:
-                        table.shape[("map", name)] = 0
-                        timed.append(("map" if flags & nfnetlink.NFT_SET_MAP else "set", name))
-                    else:
-                        table.shape[("map", name)] = dumper.element_count(render.TABLE, name) if shape else 0
-                for kind, name in dumper.objects(render.TABLE):
-                    table.shape[(kind, name)] = 0
-                    table.kinds[name] = kind
+                for of, chain in dumper.chains():
+                    if of in render.TABLES and table.place(of, chain):
+                        table.shape[("chain", chain)] = 0
+                timed: List[Tuple[str, str]] = []
+                for name in render.TABLES:
+                    if name in present:
+                        self._read_one(dumper, name, table, timed, shape)
         except (OSError, nfnetlink.DumpInterrupted):
             return self._listed_table()
         for kind, name in timed:
             table.timed[name] = self._timed_elements(kind, name)
         return table
 
+    @staticmethod
+    def _read_one(dumper: nfnetlink.Dumper, name: str, table: KernelTable, timed: List[Tuple[str, str]],
+                  shape: bool) -> None:
+        """read_table's reading of one of the tables, into `table` (names are unique
+        across them, render.table_of)."""
+        for chain, packets, comment in dumper.rules(name):
+            if not table.place(name, chain):
+                continue
+            if chain not in table.comments:
+                table.comments[chain] = comment
+            table.shape[("chain", chain)] = table.shape.get(("chain", chain), 0) + 1
+            if packets is not None:
+                table.rules.setdefault(chain, []).append(packets)
+        for set_name, flags in dumper.sets(name).items():
+            if not table.place(name, set_name):
+                continue
+            table.kinds[set_name] = "map" if flags & nfnetlink.NFT_SET_MAP else "set"
+            if flags & nfnetlink.TIMED:
+                table.shape[("map", set_name)] = 0
+                timed.append(("map" if flags & nfnetlink.NFT_SET_MAP else "set", set_name))
+            else:
+                table.shape[("map", set_name)] = dumper.element_count(name, set_name) if shape else 0
+        for kind, obj in dumper.objects(name):
+            if not table.place(name, obj):
+                continue
+            table.shape[(kind, obj)] = 0
+            table.kinds[obj] = kind
+
     def _timed_elements(self, kind: str, name: str) -> Dict[str, Tuple[Optional[str], Optional[int], Optional[int]]]:
         self._nft.set_json_output(True)
         try:
-            rc, text, _err = self._nft.cmd("list %s %s %s" % (kind, render.QUALIFIED, name))
+            rc, text, _err = self._nft.cmd("list %s %s %s %s" % (kind, render.FAMILY, render.table_of(name), name))
         finally:
             self._nft.set_json_output(False)
         out: Dict[str, Tuple[Optional[str], Optional[int], Optional[int]]] = {}
@@ -241,6 +281,11 @@ class LibNftables:
             return None
         table = KernelTable()
         for obj in objects:
+            (body,) = obj.values()
+            if not isinstance(body, dict) or "table" not in body:
+                continue
+            if not table.place(body["table"], body["chain"] if "rule" in obj else body.get("name", "")):
+                continue
             if "rule" in obj:
                 rule = obj["rule"]
                 chain = rule["chain"]
@@ -289,12 +334,15 @@ class LibNftables:
         stays interrupted are read chain by chain."""
         try:
             with nfnetlink.Dumper() as dumper:
-                try:
-                    rules = dumper.rule_counters(render.TABLE)
-                except nfnetlink.DumpInterrupted:
-                    if counted_chains is None:
-                        raise
-                    rules = dumper.rule_counters(render.TABLE, counted_chains())
+                rules: Dict[str, List[int]] = {}
+                for table in render.TABLES:
+                    try:
+                        rules.update(dumper.rule_counters(table))
+                    except nfnetlink.DumpInterrupted:
+                        if counted_chains is None:
+                            raise
+                        rules.update(dumper.rule_counters(
+                            table, [name for name in counted_chains() if render.table_of(name) == table]))
                 elements: Dict[str, Dict[bytes, int]] = {}
                 for family, names in DIRECT_MAPS.items():
                     got: Dict[bytes, int] = {}
@@ -408,7 +456,7 @@ class FakeNftables:
     kernel refusing something."""
 
     def __init__(self):
-        self.exists = False
+        self.tables = frozenset()  # of render.TABLES
         self.chains, self.maps, self.elements = {}, {}, {}
         self.transactions = []  # (Transaction, dry_run)
         self.reject = None
@@ -425,14 +473,14 @@ class FakeNftables:
         if alongside is not None:
             alongside.start()  # as LibNftables: the kernel's part runs beside it
         self.transactions.append((txn, dry_run))
-        state = copy.deepcopy((self.exists, self.chains, self.maps, self.elements))
+        state = copy.deepcopy((self.tables, self.chains, self.maps, self.elements))
         for op in txn.ops:
             msg = self.reject(op) if self.reject else None
             if msg:
                 raise NftError("Error: " + msg)
             state = self._apply_op(state, op)
         if not dry_run:
-            self.exists, self.chains, self.maps, self.elements = state
+            self.tables, self.chains, self.maps, self.elements = state
             self.commits += 1
             self.committed_generation = self.commits
 
@@ -444,14 +492,18 @@ class FakeNftables:
                 del self.expiry[(name, key)]
 
     def _apply_op(self, state, op):
-        exists, chains, maps, elements = state
+        tables, chains, maps, elements = state
         if op.kind == "table":
+            table = op.name or render.TABLE
             if op.verb == "add":
-                return True, chains, maps, elements
-            if not exists:
+                return tables | {table}, chains, maps, elements
+            if table not in tables:
                 raise NftError("Error: No such file or directory (table)")
-            return False, {}, {}, {}
-        if not exists:
+
+            def kept(objects):
+                return {name: v for name, v in objects.items() if render.table_of(name) != table}
+            return tables - {table}, kept(chains), kept(maps), kept(elements)
+        if render.table_of(op.name) not in tables:
             raise NftError("Error: No such file or directory (table)")
         if op.kind == "map":
             if op.verb == "add":
@@ -502,7 +554,7 @@ class FakeNftables:
                     self._need(elems, k)
                     del elems[k]
                     self.expiry.pop((op.name, k), None)
-        return exists, chains, maps, elements
+        return tables, chains, maps, elements
 
     @staticmethod
     def _need(container, name):
@@ -517,9 +569,9 @@ class FakeNftables:
         return any(name in _CHAIN_TARGET.findall(r) for c in chains.values() for r in c.rules)
 
     def dump(self):
-        if not self.exists:
+        if render.TABLE not in self.tables:
             return ""
-        return render.dump(self.chains, self.maps, self.elements)
+        return render.dump(self.chains, self.maps, self.elements, [t for t in render.TABLES if t in self.tables])
 
     def read_counters(self, direct_keys=None, counted_chains=None):
         return copy.deepcopy(self.rule_counters), copy.deepcopy(self.element_counters)
@@ -528,7 +580,7 @@ class FakeNftables:
         return self.commits
 
     def read_table(self, shape=True):
-        if not self.exists:
+        if render.TABLE not in self.tables:
             return None
         self._expire(self.elements)
         table = KernelTable()

@@ -7,8 +7,8 @@ postrouting` chain masquerade rules, a `type filter hook prerouting` chain `meta
 set M` rules (marks). Each rule is read into the same parts as an iptables-save rule
 and translated by iptables_save.translate_rules (the same masqctl lines, the same
 parser). `dnat to numgen inc mod N map { 0 : A, 1 : B, ... }` is a round robin: one
-key, those backends, pref 1 each. masqd's own `table inet masqd` is skipped (its
-tables are what `masqctl export` prints). Standard library only.
+key, those backends, pref 1 each. masqd's own tables (`inet masqd` and its PORTFW
+shards, `inet masqd_portfw_N`) are skipped: its tables are what `masqctl export` prints. Standard library only.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ _TOKEN = re.compile(r'"[^"]*"|\{[^}]*\}|\S+')
 _HOOKS = {("nat", "prerouting"): ("nat", "PREROUTING"), ("nat", "postrouting"): ("nat", "POSTROUTING"),
           ("filter", "prerouting"): ("mangle", "PREROUTING")}
 _NUMGEN = re.compile(r"^\{\s*(.*?)\s*\}$")
+_OWN_TABLE = re.compile(r"^masqd(_portfw_\d+)?$")
 
 
 def looks_like(text: str) -> bool:
@@ -61,7 +62,7 @@ def _rules(text):
             if not match:
                 yield (number, line), None, ValueError("expected `table FAMILY NAME {`")
                 continue
-            stack.append("skip" if (match.group(1), match.group(2)) == ("inet", "masqd") else "table")
+            stack.append("skip" if match.group(1) == "inet" and _OWN_TABLE.match(match.group(2)) else "table")
             continue
         if stack[-1] != "chain" or "skip" in stack:
             if line.endswith("{"):

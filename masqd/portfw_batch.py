@@ -8,10 +8,11 @@ or rule command (~30 ms with 20,000 cascade chains, for a one-key change). Here 
 transactions render.diff makes for PORTFW keys are encoded straight to nf_tables
 messages and sent as one nfnetlink batch, which the kernel commits atomically:
 regular chains added, flushed or deleted; the rules render.cascade_rules and
-render.reject_rules write (recognised by pattern, below); elements of the four
-PORTFW maps (~40 bytes each). Anything else in a transaction (the table, maps, base
-chains, any other rule or map) leaves the whole transaction to libnftables
-(`batch_ops` answers None), and so does every dry run.
+render.reject_rules write (recognised by pattern, below); elements of the PORTFW
+maps (~40 bytes each), each op in the table its name says (render.table_of).
+Anything else in a transaction (the table, maps, base chains, any other rule or map)
+leaves the whole transaction to libnftables (`batch_ops` answers None), and so does
+every dry run.
 
 pyroute2's nftables messages encode in pure Python per attribute, about ten times
 slower than the struct packing here, so they do not serve for 100,000 elements. The
@@ -269,10 +270,12 @@ class BatchWriter:
         messages of at most MESSAGE_ELEMENTS bytes, END. Only the last message before
         END asks for an ack: the kernel answers every failed message anyway."""
         body: List[Tuple[int, int, bytes]] = []  # (message type, flags, attributes)
-        table = render.TABLE.encode() + b"\0"
+        tables = {name: name.encode() + b"\0" for name in render.TABLES}
+        table_of = render.table_of
         encoder = Encoder()
         for op, rule in ops:
             name = op.name.encode() + b"\0"
+            table = tables[table_of(op.name)]
             if op.kind == "rule":
                 body.append((NFT_MSG_NEWRULE, NLM_F_CREATE | NLM_F_APPEND,
                              _nla(NFTA_RULE_TABLE, table) + _nla(NFTA_RULE_CHAIN, name) + (rule or b"")))

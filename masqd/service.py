@@ -185,9 +185,12 @@ class Service:
         by netlink batch (portfw_batch) rather than through libnftables' parser: a start
         with 100,000 keys in ~1.7 s instead of ~2.4 s. First everything else, by
         libnftables (with `extra_ops`), then the keys, in one batch. Should either step
-        be refused, the whole table goes again in one transaction."""
+        be refused, the whole table goes again in one transaction, and so it does
+        when the kernel holds objects in the wrong one of masqd's tables."""
         if kernel is None:
             steps = render.sync_in_two(ruleset, None, ())
+        elif kernel.misplaced:
+            steps = None
         else:
             steps = render.sync_in_two(ruleset, kernel.kinds, [n for kind, n in kernel.shape if kind == "chain"])
         if steps is not None:

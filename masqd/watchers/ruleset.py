@@ -1,10 +1,11 @@
-"""Drift: someone else changed `inet masqd` (or flushed the whole ruleset).
+"""Drift: someone else changed `inet masqd` or a PORTFW shard table (or flushed the
+whole ruleset).
 
 The kernel announces every committed nftables change on the NFNLGRP_NFTABLES netlink
 multicast group: one message per object (table, chain, rule, set, element), each with
 the netlink port id of the socket that committed it, then a NEWGEN message that ends
 the batch. The monitor subscribes in the agent's network namespace, keeps the
-messages that touch `inet masqd`, and when a batch from a port that is not one of the
+messages that touch masqd's tables (render.TABLES), and when a batch from a port that is not one of the
 agent's own sockets ends, it hands the Service a DriftReport: the Service repairs the
 table with a full re-sync. The agent's own commits come from its libnftables socket,
 whose port id the monitor learns from /proc (it is the process's NETLINK_NETFILTER
@@ -42,6 +43,7 @@ import time
 from dataclasses import dataclass, field
 from typing import AbstractSet, Any, Callable, Dict, Iterator, List, Optional, Set, Tuple
 
+from masqd import render
 from masqd.nfnetlink import (NETLINK_NETFILTER, NFNL_SUBSYS_NFTABLES, NFPROTO_INET,
                              attributes, counter_packets, rule_comment, string)
 
@@ -147,16 +149,19 @@ def own_netfilter_portids(exclude: int = 0) -> Set[int]:
 
 
 class RulesetMonitor:
-    """Watches nftables events for foreign changes to `family table`; `on_drift` gets a
+    """Watches nftables events for foreign changes to the `family` tables `tables`; `on_drift` gets a
     DriftReport (from the monitor's thread), `on_verify` is called for the backstop."""
 
     name = "ruleset"
 
     def __init__(self, on_drift: Callable[[DriftReport], None], on_verify: Callable[[str], None],
-                 table: str = "masqd", family: int = NFPROTO_INET, verify_interval: float = 60.0) -> None:
+                 tables: Tuple[str, ...] = render.TABLES, family: int = NFPROTO_INET,
+                 verify_interval: float = 60.0) -> None:
         self.on_drift = on_drift
         self.on_verify = on_verify
-        self.table, self.family = table, family
+        # The first of `tables` is the main one: its deletion is a table_deleted report
+        # (a re-sync from nothing); a shard table's is a change like any other.
+        self.table, self.tables, self.family = tables[0], frozenset(tables), family
         self.verify_interval = verify_interval
         self.running = False
         self.error: Optional[str] = None
@@ -307,17 +312,18 @@ class RulesetMonitor:
         verb_kind = MESSAGES.get(msg.kind)
         if verb_kind is None or msg.family != self.family:
             return None
-        if string(msg.attrs.get(NFTA_TABLE)) != self.table or self.is_own(msg.portid):
+        table = string(msg.attrs.get(NFTA_TABLE))
+        if table not in self.tables or self.is_own(msg.portid):
             return None
         report = self._pending = self._pending or DriftReport()
         verb, kind = verb_kind
         report.change_count += 1
-        if kind == "table" and verb == "delete":
+        if kind == "table" and verb == "delete" and table == self.table:
             report.table_deleted = True
         if kind == "rule" and verb == "delete":
             chain = string(msg.attrs.get(NFTA_RULE_CHAIN)) or "?"
             report.deleted_rules.setdefault(chain, []).append(rule_counter_and_comment(msg.attrs))
-        described = _describe(verb, kind, msg.attrs, self.table)
+        described = _describe(verb, kind, msg.attrs, table or "?")
         if len(report.changes) < MAX_CHANGES_LISTED and "__set" not in described:  # not anonymous sets
             report.changes.append(described)
         return None

@@ -4,6 +4,7 @@ seed's FWMARK script, a test user without privileges."""
 import contextlib
 import os
 import pwd
+import re
 import shutil
 import signal
 import socket
@@ -12,21 +13,45 @@ import sys
 import tempfile
 import time
 
+from masqd import render
+
 PYTHON = sys.executable
 VENV_BIN = os.path.dirname(PYTHON)
 TEST_USER = "masqd-test"
 
 
 def table_objects(listing):
-    """The top-level objects (maps, sets, chains) of an `nft list table` text, whatever
-    their order: a re-sync re-creates objects, and the kernel lists them in the order
-    they were created. What is inside each (rules in order, elements) stays as listed."""
-    blocks = []
-    for line in [l for l in (listing or "").splitlines()[1:-1] if l.strip()]:  # inside "table inet masqd { }"
-        if line.startswith("\t") and not line.startswith("\t\t") and not line.strip() == "}":
-            blocks.append([])
-        blocks[-1].append(line)
+    """The top-level objects (maps, sets, chains) of `nft list table` texts (one table
+    or several, one after another), each with its table's name, whatever their order:
+    a re-sync re-creates objects, and the kernel lists them in the order they were
+    created. What is inside each (rules in order, elements) stays as listed."""
+    blocks, table = [], None
+    for line in [l for l in (listing or "").splitlines() if l.strip()]:
+        if line.startswith("table "):
+            table = line
+        elif line.startswith("\t") and not line.startswith("\t\t") and not line.strip() == "}":
+            blocks.append([table])
+        if line.startswith("\t") and blocks:
+            blocks[-1].append(line)
     return sorted("\n".join(b) for b in blocks)
+
+
+def masqd_tables(ruleset):
+    """masqd's tables (render.TABLES) out of an `nft list ruleset` text, in that order."""
+    found = {}
+    for block in re.split(r"(?m)^(?=table )", ruleset or ""):
+        match = re.match(r"table inet (\S+) \{", block)
+        if match and match.group(1) in render.TABLES:
+            found[match.group(1)] = block
+    return "".join(found[name] for name in render.TABLES if name in found)
+
+
+def masqd_table_json(objects):
+    """masqd's objects (of every table in render.TABLES) out of `nft -j list ruleset`."""
+    def of(body):
+        return body.get("table") if "table" in body else body.get("name")
+    return [obj for obj in objects or [] for kind, body in obj.items()
+            if kind != "metainfo" and body.get("family") == "inet" and of(body) in render.TABLES]
 
 
 class Agent:
@@ -86,7 +111,8 @@ class Agent:
         return self.lab.run(self.host, ["nft"] + list(args), timeout=10, check=True).stdout
 
     def table(self):
-        return self.nft("list", "table", "inet", "masqd")
+        """`nft list table` of each of masqd's tables (render.TABLES)."""
+        return masqd_tables(self.nft("list", "ruleset"))
 
     def state_bytes(self):
         files = {}

@@ -14,7 +14,7 @@ import pytest
 from ipmasq_lab import probes
 
 sys.path.insert(0, os.path.dirname(__file__))
-from masqd_agent import run_script, running_agent, table_objects  # noqa: E402
+from masqd_agent import masqd_tables, run_script, running_agent, table_objects  # noqa: E402
 
 pytestmark = pytest.mark.lab
 
@@ -52,8 +52,9 @@ def wait_for(predicate, timeout=5.0, step=0.02):
 
 
 def table_or_none(agent):
-    result = agent.lab.run(agent.host, ["nft", "list", "table", "inet", "masqd"], timeout=10)
-    return result.stdout if result.returncode == 0 else None
+    """masqd's tables, None while the main one is missing."""
+    listing = masqd_tables(agent.nft("list", "ruleset"))
+    return listing if listing.startswith("table inet masqd {") else None
 
 
 def without_counters(text):
@@ -112,6 +113,8 @@ def test_own_changes_never_count_as_drift(agent):
     ["delete", "rule", "inet", "masqd", "prerouting", "handle", "HANDLE"],
     ["delete", "element", "inet", "masqd", "portfw_direct_v4_4", "{ 198.51.100.1 . tcp . 8080 }"],
     ["add", "element", "inet", "masqd", "portfw_direct_v4_7", "{ 198.51.100.1 . tcp . 9999 : 10.16.0.99 . 1 }"],
+    ["delete", "table", "inet", "masqd_portfw_3"],  # a PORTFW shard table (render.SHARD_TABLES)
+    ["flush", "chain", "inet", "masqd_portfw_0", "portfw_prerouting_0"],
 ])
 def test_every_kind_of_foreign_change_inside_the_table_is_repaired(agent, change):
     agent.masqctl("portfw", "-a", "-P", "tcp", "-L", "198.51.100.1", "8080", "-R", "10.16.0.27", "80")

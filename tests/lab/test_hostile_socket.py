@@ -29,7 +29,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 sys.path.insert(0, os.path.dirname(__file__))
-from masqd_agent import Agent  # noqa: E402
+from masqd_agent import Agent, masqd_tables  # noqa: E402
 
 from masqd import server as server_mod  # noqa: E402
 from masqd.client import Client  # noqa: E402
@@ -151,7 +151,7 @@ def agent(seed_lab):
 
 def snapshot(agent):
     """Kernel table without counters, the table the agent does not own, and the state files."""
-    return (agent.nft("-s", "list", "table", "inet", "masqd"), agent.nft("-s", "list", "table", "inet", "other"),
+    return (masqd_tables(agent.nft("-s", "list", "ruleset")), agent.nft("-s", "list", "table", "inet", "other"),
             agent.state_bytes())
 
 

@@ -13,7 +13,7 @@ import textwrap
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
-from masqd_agent import table_objects  # noqa: E402
+from masqd_agent import masqd_table_json, masqd_tables, table_objects  # noqa: E402
 
 from masqd import render  # noqa: E402
 
@@ -77,9 +77,10 @@ def test_full_apply_exactly_one_table_and_others_untouched(gw, tmp_path):
         print(json.dumps({"kernel": svc.nft.list_text()}))
     """ % str(tmp_path))
     tables = nft(gw, "list", "tables").split("\n")
-    assert sorted(t for t in tables if t) == ["table inet masqd", "table inet other"]
+    assert sorted(t for t in tables if t) == sorted(["table inet %s" % name for name in render.TABLES]
+                                                    + ["table inet other"])
     assert nft(gw, "list", "table", "inet", "other") == other
-    listing = nft(gw, "list", "table", "inet", "masqd")
+    listing = masqd_tables(nft(gw, "list", "ruleset"))
     assert listing == out["kernel"]
     assert "numgen inc mod 20 < 15 counter packets 0 bytes 0 dnat ip to 10.16.0.27:80" in listing
     assert "2001:db8::1 . udp . 53 counter packets 0 bytes 0 : fd00::53 . 53" in listing
@@ -87,7 +88,7 @@ def test_full_apply_exactly_one_table_and_others_untouched(gw, tmp_path):
     # a second agent start replaces the table (a full re-sync creates the objects in
     # another order than the changes did): the same objects, other still untouched
     run_in(gw, "Service(%r).start(); print(json.dumps({}))" % str(tmp_path))
-    assert table_objects(nft(gw, "list", "table", "inet", "masqd")) == table_objects(listing)
+    assert table_objects(masqd_tables(nft(gw, "list", "ruleset"))) == table_objects(listing)
     assert nft(gw, "list", "table", "inet", "other") == other
 
 
@@ -136,13 +137,15 @@ def test_ten_thousand_keys_and_incremental_change(gw, tmp_path):
         delete = time.perf_counter() - t
         print(json.dumps({"full": full, "add": add, "delete": delete}))
     """ % str(tmp_path), timeout=120)
-    listing = nft(gw, "-j", "list", "table", "inet", "masqd")
-    objs = json.loads(listing)["nftables"]
+    objs = masqd_table_json(json.loads(nft(gw, "-j", "list", "ruleset"))["nftables"])
     elems = {o["map"]["name"]: len(o["map"].get("elem", [])) for o in objs if "map" in o}
     assert sum(elems[name] for name in render.direct_maps("v4")) == 5000 - 0  # even i: one backend (key 7 was odd)
-    assert elems["portfw_v4"] == 5000 - 1 + 1  # odd i: chains; minus key 7, plus WEB:81
-    chains = [o["chain"]["name"] for o in objs if "chain" in o]
-    assert len([c for c in chains if c.startswith("pf_")]) == 5000
+    shards = [render.cascade_map("v4", n) for n in range(render.PORTFW_SHARDS)]
+    assert sum(elems[name] for name in shards) == 5000 - 1 + 1  # odd i: chains; minus key 7, plus WEB:81
+    assert min(elems[name] for name in shards) > 500  # spread over the shard tables
+    chains = [(o["chain"]["table"], o["chain"]["name"]) for o in objs if "chain" in o]
+    assert len([c for t, c in chains if c.startswith("pf_")]) == 5000
+    assert all(t == render.table_of(c) for t, c in chains)
     print("\n10,000 keys: set %.2f s, add one %.1f ms, delete one %.1f ms"
           % (out["full"], out["add"] * 1000, out["delete"] * 1000))
 
@@ -156,13 +159,13 @@ def test_restart_after_kill_reconciles(gw, tmp_path):
     # What a crash leaves behind and someone's meddling: junk in the table, a lost element.
     nft(gw, "add chain inet masqd junk; add rule inet masqd junk counter; "
             "delete element inet masqd mfw_marks { 3 }")
-    assert nft(gw, "list", "table", "inet", "masqd") != out["listing"]
+    assert masqd_tables(nft(gw, "list", "ruleset")) != out["listing"]
     again = run_in(gw, """
         svc = Service(%r); svc.start()
         print(json.dumps({"revision": svc.handle({"op": "status"})["revision"],
                           "mfw": svc.handle({"op": "list", "table": "mfw"})["result"]["entries"]}))
     """ % str(tmp_path))
-    assert table_objects(nft(gw, "list", "table", "inet", "masqd")) == table_objects(out["listing"])
+    assert table_objects(masqd_tables(nft(gw, "list", "ruleset"))) == table_objects(out["listing"])
     assert again["revision"] == 6
     heads = [b["address"] for b in again["mfw"][1]["backends"] if b["head"]]
     assert heads == ["10.16.0.28"]
@@ -180,11 +183,10 @@ def test_a_start_in_two_steps_builds_the_table_a_full_sync_builds(gw, tmp_path):
         from masqd import nfnetlink, portfw_batch
         from masqd.nft import LibNftables
         def listing():
-            return subprocess.run(["nft", "list", "table", "inet", "masqd"], capture_output=True, text=True,
-                                  check=True).stdout
+            return LibNftables().list_text()
         def portfw_elements():
             with nfnetlink.Dumper() as d:
-                return sum(d.element_count("masqd", name) for name in render.PORTFW_MAPS)
+                return sum(d.element_count(render.table_of(name), name) for name in render.PORTFW_MAPS)
         svc = Service(%r); svc.start(); load_scenario(svc)
         ok(svc, op="set", table="portfw", entries=[
             {"protocol": "udp" if i %% 5 else "tcp", "local_address": "2001:db8::%%x" %% (i %% 7) if i %% 4 == 0
@@ -206,15 +208,20 @@ def test_a_start_in_two_steps_builds_the_table_a_full_sync_builds(gw, tmp_path):
         cold = Service(%r); cold.start()
         after_cold, cold_batches = listing(), list(batches)
         subprocess.run(["nft", "-f", "-"], check=True, text=True, input=(
-            "add chain inet masqd junk\\nadd rule inet masqd junk counter\\nadd chain inet masqd pf_00000000000000ee\\n"
+            "add chain inet masqd junk\\nadd rule inet masqd junk counter\\nadd chain inet masqd_portfw_0 pf_00000000000000ee\\n"
             "delete element inet masqd mfw_marks { 3 }\\nflush chain inet masqd mark_prerouting\\n"
             "add element inet masqd portfw_direct_v4_4 { 198.51.100.1 . tcp . 4444 : 10.16.0.99 . 1 }\\n"))
         warm = Service(%r); warm.start()
         after_warm, warm_batches = listing(), batches[len(cold_batches):]
+        # A cascade chain in a table its name does not say: only a whole re-sync removes it.
+        subprocess.run(["nft", "add chain inet masqd pf_00000000000000ef"], check=True)
+        misplaced = Service(%r); misplaced.start()
+        after_misplaced, misplaced_batches = listing(), batches[len(cold_batches) + len(warm_batches):]
         LibNftables().apply(render.full_sync(warm._ruleset))
-        print(json.dumps({"cold": after_cold, "warm": after_warm, "whole": listing(), "cold_batches": cold_batches,
-                          "warm_batches": warm_batches, "refused": [m for m in refused if "refused" in m]}))
-    """ % (str(tmp_path), str(tmp_path), str(tmp_path)), timeout=120)
+        print(json.dumps({"cold": after_cold, "warm": after_warm, "misplaced": after_misplaced, "whole": listing(),
+                          "cold_batches": cold_batches, "warm_batches": warm_batches,
+                          "misplaced_batches": misplaced_batches, "refused": [m for m in refused if "refused" in m]}))
+    """ % (str(tmp_path), str(tmp_path), str(tmp_path), str(tmp_path)), timeout=120)
     assert out["refused"] == []  # both starts went in two steps, neither fell back to one transaction
     assert table_objects(out["cold"]) == table_objects(out["whole"])  # the cascade chains come later in the listing
     assert table_objects(out["warm"]) == table_objects(out["whole"])  # the meddling undone
@@ -224,6 +231,7 @@ def test_a_start_in_two_steps_builds_the_table_a_full_sync_builds(gw, tmp_path):
     assert size > 3000 and before == 0  # every key's element and the cascades, into empty maps
     ((size, before),) = out["warm_batches"]
     assert size > 3000 and before == 3001  # the rest replaced, every key (and the junk one) still there
+    assert table_objects(out["misplaced"]) == table_objects(out["whole"]) and out["misplaced_batches"] == []
 
 
 def test_plan_uses_kernel_dry_run(gw, tmp_path):
@@ -306,8 +314,7 @@ def test_incremental_portfw_changes_equal_a_full_resync(gw):
             return model.normalize_entry("portfw", {"protocol": proto, "local_address": laddr,
                 "local_port": port, "backends": [{"address": a, "port": p, "pref": w} for a, p, w in backends]})
         def listing():
-            return subprocess.run(["nft", "list", "table", "inet", "masqd"], capture_output=True,
-                                  text=True, check=True).stdout
+            return LibNftables().list_text()
         steps = [
             [entry("tcp", "198.51.100.1", 80, [("10.16.0.27", 80, 15), ("10.16.0.28", 8080, 5)]),
              entry("udp", "2001:db8::1", 53, [("fd00::53", 53, 10)]),
@@ -333,7 +340,7 @@ def test_incremental_portfw_changes_equal_a_full_resync(gw):
         before = subprocess.run(["nft", "list", "ruleset"], capture_output=True, text=True).stdout
         bad = render.Transaction([
             render.Op("add", "element", render.direct_map("198.51.100.9", 9), [("198.51.100.9 . tcp . 9", "10.0.0.1 . 80")]),
-            render.Op("add", "element", "portfw_v4", [("198.51.100.9 . tcp . 10", "goto pf_0000000000000000")])])
+            render.Op("add", "element", "portfw_v4_0", [("198.51.100.9 . tcp . 10", "goto pf_0000000000000000")])])
         try:
             nft.apply(bad)
             refused = None
@@ -459,24 +466,25 @@ def test_portfw_batches_write_what_libnftables_writes(gw):
         from masqd.nft import LibNftables
         def kernel_rules():
             with nfnetlink.Dumper() as dumper:
-                parts = dumper.dump(nfnetlink.NFT_MSG_GETRULE, [(nfnetlink.NFTA_RULE_TABLE, b"masqd\\0")])
+                parts = [part for table in render.TABLES for part in dumper.dump(
+                    nfnetlink.NFT_MSG_GETRULE, [(nfnetlink.NFTA_RULE_TABLE, table.encode() + b"\\0")])]
             rules = [nfnetlink.attributes(part) for part in parts]
             return sorted([(r.get(nfnetlink.NFTA_RULE_CHAIN) or b"").hex(),
                            (r.get(nfnetlink.NFTA_RULE_EXPRESSIONS) or b"").hex(),
                            (r.get(nfnetlink.NFTA_RULE_USERDATA) or b"").hex()] for r in rules)
         rules = %r
-        chains = [render.Chain("pf_%%016x" %% i, None, (rule,)) for i, rule in enumerate(rules)]
+        chains = [render.Chain("pf_%%02x%%014x" %% (i, i), None, (rule,)) for i, rule in enumerate(rules)]  # shard i
         steps = [render.Transaction(
             [render.Op("add", "chain", c.name, c) for c in chains]
             + [render.Op("add", "rule", c.name, r) for c in chains for r in c.rules]
-            + [render.Op("add", "element", "portfw_v4", [("198.51.100.1 . tcp . %%d" %% i, "goto " + c.name)
-                                                          for i, c in enumerate(chains)]),
-               render.Op("add", "element", "portfw_v6", [("2001:db8::1 . udp . 53", "goto " + chains[3].name)]),
+            + [render.Op("add", "element", render.cascade_map("v4", render.shard_of(c.name)),
+                         [("198.51.100.1 . tcp . %%d" %% i, "goto " + c.name)]) for i, c in enumerate(chains)]
+            + [render.Op("add", "element", "portfw_v6_3", [("2001:db8::1 . udp . 53", "goto " + chains[3].name)]),
                render.Op("add", "element", render.direct_map("203.0.113.1", 80), [("203.0.113.1 . tcp . 80", "10.16.0.30 . 8080")]),
                render.Op("add", "element", render.direct_map("2001:db8::2", 443), [("2001:db8::2 . tcp . 443", "fd00::2 . 443")])]),
             render.Transaction([render.Op("flush", "chain", chains[0].name, None)]
                                + [render.Op("add", "rule", chains[0].name, r) for r in rules[1:3]]
-                               + [render.Op("delete", "element", "portfw_v4", ["198.51.100.1 . tcp . 6"]),
+                               + [render.Op("delete", "element", "portfw_v4_6", ["198.51.100.1 . tcp . 6"]),
                                   render.Op("delete", "chain", chains[6].name, None)])]
         listings = {}
         for how in ("batch", "libnftables"):
@@ -485,15 +493,14 @@ def test_portfw_batches_write_what_libnftables_writes(gw):
             for step in steps:
                 assert portfw_batch.batch_ops(step) is not None
                 nft.apply(step) if how == "batch" else nft._run(step)
-                listings.setdefault(how, []).append(subprocess.run(["nft", "list", "table", "inet", "masqd"],
-                                                                   capture_output=True, text=True).stdout)
+                listings.setdefault(how, []).append(nft.list_text())
                 listings.setdefault(how + " rules", []).append(kernel_rules())
         print(json.dumps(listings))
     """ % RULE_SHAPES)
     assert out["batch"] == out["libnftables"]
     assert out["batch rules"] == out["libnftables rules"] and len(out["batch rules"][0]) > 10
     assert 'comment "phase 3"' in out["batch"][0] and "reject with tcp reset" in out["batch"][0]
-    assert "pf_0000000000000006" not in out["batch"][1]
+    assert "pf_0600000000000006" not in out["batch"][1]
 
 
 def test_refused_portfw_batch_changes_nothing(gw):
@@ -506,7 +513,7 @@ def test_refused_portfw_batch_changes_nothing(gw):
         nft = LibNftables()
         nft.apply(render.full_sync(render.render({})))
         listing = lambda: subprocess.run(["nft", "list", "ruleset"], capture_output=True, text=True).stdout
-        chain = render.Chain("pf_00000000000000aa", None, ("meta l4proto tcp counter dnat ip to 10.16.0.27:80",))
+        chain = render.Chain("pf_02000000000000aa", None, ("meta l4proto tcp counter dnat ip to 10.16.0.27:80",))
         ok = render.Transaction([render.Op("add", "element", "portfw_direct_v4_0",
                                            [("198.51.100.1 . tcp . %d" % p, "10.16.0.27 . 80") for p in range(1, 3001)])])
         nft.apply(ok)
@@ -515,7 +522,7 @@ def test_refused_portfw_batch_changes_nothing(gw):
             render.Op("add", "chain", chain.name, chain), render.Op("add", "rule", chain.name, chain.rules[0]),
             render.Op("delete", "element", "portfw_direct_v4_0",
                       ["198.51.100.1 . tcp . %d" % p for p in range(1, 3001)] + ["198.51.100.1 . tcp . 9"]),
-            render.Op("add", "element", "portfw_v4", [("198.51.100.2 . tcp . 80", "goto " + chain.name)])])
+            render.Op("add", "element", "portfw_v4_2", [("198.51.100.2 . tcp . 80", "goto " + chain.name)])])
         assert portfw_batch.batch_ops(bad) is not None
         try:
             nft.apply(bad)

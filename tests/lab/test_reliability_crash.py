@@ -25,7 +25,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 from reliability_flows import Stream, start_echo  # noqa: E402
-from masqd_agent import PYTHON, Agent  # noqa: E402
+from masqd_agent import PYTHON, Agent, masqd_table_json  # noqa: E402
 
 from masqd.client import AgentUnavailable, Client, MasqdError  # noqa: E402
 from masqd.store import Store  # noqa: E402
@@ -50,7 +50,7 @@ def portfw_entry(port, backends=1):
 
 
 def canonical_table(objects):
-    """An nft JSON listing of `inet masqd` without handles, counter values, the order
+    """An nft JSON listing of masqd's tables without handles, counter values, the order
     of map/set elements (a hash set lists in its own random-seeded order) and the order
     of chains, maps and sets (the kernel lists them as they were created, and a re-sync
     re-creates them): (sorted objects, {chain: its rules in order})."""
@@ -71,8 +71,8 @@ def canonical_table(objects):
 
 
 def kernel_table(lab, host="gateway"):
-    result = lab.run(host, ["nft", "-j", "list", "table", "inet", "masqd"], timeout=10, check=True)
-    return json.loads(result.stdout)["nftables"]
+    result = lab.run(host, ["nft", "-j", "list", "ruleset"], timeout=10, check=True)
+    return masqd_table_json(json.loads(result.stdout)["nftables"])
 
 
 REFERENCE = r"""

@@ -21,7 +21,7 @@ def portfw_txn(*extra):
     return Transaction([Op("add", "chain", NEW_CHAIN.name, NEW_CHAIN)]
                        + [Op("add", "rule", NEW_CHAIN.name, r) for r in NEW_CHAIN.rules] + list(extra) + [
         Op("delete", "element", "portfw_direct_v4_4", ["198.51.100.1 . tcp . 80"]),
-        Op("add", "element", "portfw_v4", [("198.51.100.1 . tcp . 80", "goto pf_00000000000000aa")]),
+        Op("add", "element", "portfw_v4_0", [("198.51.100.1 . tcp . 80", "goto pf_00000000000000aa")]),
         Op("delete", "chain", "pf_00000000000000bb", None)])
 
 
@@ -115,7 +115,7 @@ def test_batch_layout_and_one_element_of_each_kind():
         Op("add", "rule", NEW_CHAIN.name, NEW_CHAIN.rules[1]),
         Op("delete", "element", "portfw_direct_v6_5", ["2001:db8::1 . udp . 53"]),
         Op("add", "element", "portfw_direct_v4_4", [("198.51.100.1 . tcp . 8080", "10.16.0.10 . 80")]),
-        Op("add", "element", "portfw_v4", [("203.0.113.1 . udp . 1024", "goto pf_00000000000000aa")]),
+        Op("add", "element", "portfw_v4_0", [("203.0.113.1 . udp . 1024", "goto pf_00000000000000aa")]),
         Op("flush", "chain", "pf_00000000000000cc", None),
         Op("delete", "chain", "pf_00000000000000bb", None),
     ])))
@@ -135,6 +135,8 @@ def test_batch_layout_and_one_element_of_each_kind():
     assert key == nfnetlink.address_proto_port_key("2001:db8::1", "udp", 53) and data is None
     assert nfnetlink.string(msgs[4][3][nfnetlink.NFTA_SET_ELEM_LIST_SET]) == "portfw_direct_v4_4"
     assert nfnetlink.string(msgs[4][3][nfnetlink.NFTA_SET_ELEM_LIST_TABLE]) == render.TABLE
+    # a multi-backend key's element and chains go to its shard's table (render.table_of)
+    assert {nfnetlink.string(msgs[i][3][1]) for i in (1, 2, 5, 6, 7)} == {"masqd_portfw_0"}
     (key, data), = elements_of(msgs[4][3])
     assert nfnetlink.address_proto_port_text(key) == "198.51.100.1 . tcp . 8080"
     assert data[nfnetlink.NFTA_DATA_VALUE] == bytes([10, 16, 0, 10, 0, 80, 0, 0])

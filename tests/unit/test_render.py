@@ -156,7 +156,8 @@ def test_add_one_key_touches_only_its_objects():
     txn = render.diff(rs, new, {("portfw", key)})
     chain = render.portfw_chain_name(key)
     assert [(op.verb, op.kind, op.name) for op in txn.ops] == [
-        ("add", "chain", chain), ("add", "rule", chain), ("add", "rule", chain), ("add", "element", "portfw_v4")]
+        ("add", "chain", chain), ("add", "rule", chain), ("add", "rule", chain),
+        ("add", "element", render.cascade_map("v4", render.shard_of(chain)))]
     assert txn.ops[-1].arg == [("198.51.100.61 . tcp . 80", "goto " + chain)]
     fake.apply(txn)
     assert fake.dump() == new.dump()
@@ -169,7 +170,8 @@ def test_remove_and_change_key():
     new = rs.replace({("portfw", keys[2]): None, ("portfw", keys[3]): render.portfw_fragment(changed)})
     txn = render.diff(rs, new, {("portfw", keys[2]), ("portfw", keys[3])})
     ops = [(op.verb, op.kind, op.name) for op in txn.ops]
-    assert ops == [("delete", "element", "portfw_v4"), ("add", "element", render.direct_map(
+    gone = sorted({render.cascade_map("v4", render.shard_of(render.portfw_chain_name(k))) for k in keys[2:4]})
+    assert ops == [("delete", "element", name) for name in gone] + [("add", "element", render.direct_map(
         changed["local_address"], changed["local_port"]))] + sorted(
         ("delete", "chain", render.portfw_chain_name(k)) for k in keys[2:4])
     fake.apply(txn)
@@ -239,11 +241,13 @@ def test_text_of_transaction():
     new = render.Ruleset().replace({"x": render.portfw_fragment(entry)})
     text = render.diff(render.Ruleset(), new).to_text()
     name = render.portfw_chain_name(model.entry_key("portfw", entry))
+    shard = render.shard_of(name)
     assert text == (
-        "add chain inet masqd %s\n"
-        "add rule inet masqd %s meta l4proto tcp numgen inc mod 20 < 15 counter dnat ip to 10.16.0.27:80\n"
-        "add rule inet masqd %s meta l4proto tcp counter dnat ip to 10.16.0.28:80\n"
-        "add element inet masqd portfw_v4 { 198.51.100.1 . tcp . 80 : goto %s }\n" % (name, name, name, name))
+        "add chain inet masqd_portfw_%d %s\n"
+        "add rule inet masqd_portfw_%d %s meta l4proto tcp numgen inc mod 20 < 15 counter dnat ip to 10.16.0.27:80\n"
+        "add rule inet masqd_portfw_%d %s meta l4proto tcp counter dnat ip to 10.16.0.28:80\n"
+        "add element inet masqd_portfw_%d portfw_v4_%d { 198.51.100.1 . tcp . 80 : goto %s }\n"
+        % (shard, name, shard, name, shard, name, shard, shard, name))
 
 
 def test_marks_render_criteria_and_restore_rule():
@@ -297,3 +301,24 @@ def test_the_seeds_15_5_rebuilt_after_8_connections():
     # 7 more connections (all to .27) put the cycle at 15: the head is .28.
     assert render.cycle_position(backends, 8, [7, 0, 0]) == 15
     assert render.cycle_position(backends, 8, [7, 0]) is None  # not this cascade's rules
+
+
+def test_multi_backend_keys_live_in_their_shard_tables():
+    """A cascade chain, the verdict map that jumps to it and that map's prerouting chain
+    are in one table (a `goto` stays inside its table), the keys reach every shard, and
+    a full sync replaces every table; everything else is in the main table."""
+    rs = render.render(tables(portfw=[key_entry(i, backends=1 + i % 2) for i in range(200)]))
+    chains, maps, elements = rs.objects()
+    gotos = [(name, value[5:]) for name, elems in elements.items() for value in elems.values()
+             if value and value.startswith("goto ")]
+    assert gotos and all(render.table_of(name) == render.table_of(chain) for name, chain in gotos)
+    assert {render.table_of(name) for name, _chain in gotos if name.startswith("portfw_")} == set(render.SHARD_TABLES)
+    for n in range(render.PORTFW_SHARDS):
+        hook = chains["portfw_prerouting_%d" % n]
+        assert render.table_of(hook.name) == render.SHARD_TABLES[n] and "priority dstnat - 1" in hook.hook
+        assert all("@portfw_v%s_%d" % (fam, n) in rule for fam, rule in zip("46", hook.rules))
+    assert all(render.table_of(name) == render.TABLE for name in list(maps) + list(chains)
+               if not name.startswith(("pf_", "portfw_v4_", "portfw_v6_", "portfw_prerouting_")))
+    text = render.full_sync(rs).to_text()
+    assert all("add table inet %s\ndelete table inet %s\nadd table inet %s\n" % (t, t, t) in text
+               for t in render.TABLES)

@@ -2,11 +2,11 @@
 with this machine's libnftables and with Debian 13's, side by side.
 
 A multi-backend key is a chain of its own (its pcnt/pref cascade) and a `goto` element
-in the verdict map. Two costs grow with the number of such keys loaded
-(docs/architecture.md, Known limits): libnftables fills its cache before an element
-command, and the kernel validates the table when a `goto` element is added. This
-benchmark tells them apart by running the same agent (same sources, same requests)
-twice:
+in its shard table's verdict map. Two costs used to grow with the number of such keys
+loaded (docs/architecture.md, Performance): libnftables filled its cache before an
+element command (PORTFW changes now go by masqd's own netlink batch), and the kernel
+validates the table a `goto` element is added to (now one of eight shard tables). This
+benchmark runs the same agent (same sources, same requests) twice:
 
   - "machine": the agent of the venv, on this machine's libnftables (Debian 12: 1.0.6);
   - "debian13": the agent run with `chroot` in an overlay of the cached Debian 13 root
@@ -84,31 +84,33 @@ def run(quick=False):
 
 def _hook_cost(quick):
     """New connections/s through a one-backend PORTFW key with the shard tables (and
-    their prerouting hooks) loaded and without them, and routed to the same server."""
+    their prerouting hooks) loaded and without them, and routed to the server. Each
+    variant has its own server port, so 4-tuples never meet another's TIME_WAIT."""
     from masqd import model, render
     rounds, requests = (3, 4000) if quick else (7, 20000)
-    port = 8002
-    entry = {"protocol": "tcp", "local_address": common.GATEWAY_OUT, "local_port": 18002,
-             "backends": [{"address": common.SERVER, "port": port}]}
-    whole = render.full_sync(render.render({"portfw": model.normalize_table("portfw", [entry])})).to_text()
+    ports = {"with": 8002, "without": 8003, "routing": 8004}
+    entries = [{"protocol": "tcp", "local_address": common.GATEWAY_OUT, "local_port": 10000 + port,
+                "backends": [{"address": common.SERVER, "port": port}]} for port in (ports["with"], ports["without"])]
+    whole = render.full_sync(render.render({"portfw": model.normalize_table("portfw", entries)})).to_text()
     without = "".join("delete table inet %s\n" % name for name in render.SHARD_TABLES)
-    raw = {"with": [], "without": [], "routing": []}
+    raw = {how: [] for how in ports}
     with common.Workdir() as work, _lab("hooks") as lab:
-        conf = common.nginx_conf(work, [port])
+        conf = common.nginx_conf(work, list(ports.values()))
         lab.spawn("server", ["nginx", "-c", conf], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        common.wait_port(lab, "client", common.SERVER, port)
+        for port in ports.values():
+            common.wait_port(lab, "client", common.SERVER, port)
         files = {}
-        for name, text in (("with", whole), ("without", whole + without)):
-            files[name] = os.path.join(work, "hooks-%s.nft" % name)
-            with open(files[name], "w") as f:
+        for how, text in (("with", whole), ("without", whole + without)):
+            files[how] = os.path.join(work, "hooks-%s.nft" % how)
+            with open(files[how], "w") as f:
                 f.write(text)
+        order = list(ports)
         for r in range(rounds):
-            order = ["with", "without", "routing"]
             for how in order[r % 3:] + order[:r % 3]:
                 if how != "routing":
                     lab.run("gateway", ["nft", "-f", files[how]], timeout=60, check=True)
                 common.conntrack_flush(lab)
-                address, to = (common.SERVER, port) if how == "routing" else (common.GATEWAY_OUT, 18002)
+                address, to = (common.SERVER, ports[how]) if how == "routing" else (common.GATEWAY_OUT, 10000 + ports[how])
                 rate, _done, failed = common.ab(lab, address, to, requests)
                 raw[how].append(rate)
                 log("multi_backend hooks: %-7s round %d: %s conn/s (%s failed)", how, r, rate, failed)

@@ -48,9 +48,12 @@ GAPS = {
         "(the elements no longer pass through libnftables)."),
     "one two-backend key add/delete": (
         "See the multi-backend section: PORTFW changes go by netlink batch, without libnftables; "
-        "what is left is the kernel's table validation on a `goto` add, which grows with the "
-        "multi-backend keys of the table (sharding them over several tables would bound it; "
-        "not done)."),
+        "what is left is the kernel's validation of the shard table a `goto` add goes to, which "
+        "grows with that shard's keys (an eighth of the multi-backend keys)."),
+    "shard tables' hooks": (
+        "Each shard table's prerouting chain is one more base chain a connection's first packet "
+        "passes (two map lookups that miss); established packets pass no NAT chain. The spread "
+        "between rounds is this machine's noise on two shared cores."),
     "throughput_portfw_vs_socat": (
         "PORTFW itself runs at the routing ceiling (see the routing ratio); the ratio to socat "
         "is bounded by routing/socat on this machine. socat here moves ~3 Gbit/s (splice-less "

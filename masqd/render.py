@@ -52,6 +52,7 @@ def table_of(name):
         return SHARD_TABLES[int(name.rpartition("_")[2])]
     return TABLE
 
+
 Chain = namedtuple("Chain", "name hook rules")  # hook: None or "type nat hook ... policy accept"
 MapDef = namedtuple("MapDef", "name kind spec")  # kind: "map" | "set"; spec: "type ...; flags ...;"
 

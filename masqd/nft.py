@@ -38,7 +38,7 @@ class NftError(Exception):
 
 
 class KernelTable:
-    """One reading of `inet masqd` from the kernel."""
+    """One reading of masqd's tables (render.TABLES) from the kernel, by object name."""
 
     __slots__ = ("rules", "comments", "timed", "shape", "kinds", "misplaced")
 

@@ -8,7 +8,8 @@ set M` rules (marks). Each rule is read into the same parts as an iptables-save 
 and translated by iptables_save.translate_rules (the same masqctl lines, the same
 parser). `dnat to numgen inc mod N map { 0 : A, 1 : B, ... }` is a round robin: one
 key, those backends, pref 1 each. masqd's own tables (`inet masqd` and its PORTFW
-shards, `inet masqd_portfw_N`) are skipped: its tables are what `masqctl export` prints. Standard library only.
+shards, `inet masqd_portfw_N`) are skipped: its tables are what `masqctl export`
+prints. Standard library only.
 """
 
 from __future__ import annotations

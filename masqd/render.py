@@ -23,7 +23,6 @@ from collections import namedtuple
 
 FAMILY = "inet"
 TABLE = "masqd"
-QUALIFIED = "%s %s" % (FAMILY, TABLE)
 
 # PORTFW keys with several backends live in PORTFW_SHARDS tables of their own, picked by
 # their cascade chain's name (`shard_of`), each with its verdict maps (`portfw_v4_<n>`,

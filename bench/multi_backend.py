@@ -45,8 +45,9 @@ def keys(n):
 
 
 def run(quick=False):
-    sizes = (20000,) if quick else (20000, 100000)
     from ipmasq_lab import booted_roots
+    from masqd import render
+    sizes = (20000,) if quick else (20000, 100000)
     root = booted_roots.ensure("trixie")
     rows = []
     with common.Workdir() as work, _debian13(root, work) as overlay:
@@ -62,7 +63,6 @@ def run(quick=False):
                 log("multi_backend: %s, %d two-backend keys: add %.1f ms, delete %.1f ms (one-backend add %.1f ms)",
                     where, n, row["add_ms"], row["delete_ms"], row["single_add_ms"])
                 rows.append(row)
-    from masqd import render
     hooks = _hook_cost(quick)
     at = {(r["where"], r["keys"]): r for r in rows}
     targets = {}

@@ -5,9 +5,9 @@ The kernel announces every committed nftables change on the NFNLGRP_NFTABLES net
 multicast group: one message per object (table, chain, rule, set, element), each with
 the netlink port id of the socket that committed it, then a NEWGEN message that ends
 the batch. The monitor subscribes in the agent's network namespace, keeps the
-messages that touch masqd's tables (render.TABLES), and when a batch from a port that is not one of the
-agent's own sockets ends, it hands the Service a DriftReport: the Service repairs the
-table with a full re-sync. The agent's own commits come from its libnftables socket,
+messages that touch masqd's tables (render.TABLES), and when a batch from a port
+that is not one of the agent's own sockets ends, it hands the Service a DriftReport:
+the Service repairs the tables with a full re-sync. The agent's own commits come from its libnftables socket,
 whose port id the monitor learns from /proc (it is the process's NETLINK_NETFILTER
 socket), so they never trigger a repair; kernel-originated messages (port 0, e.g. the
 expiry of a timed element) are not drift either.
@@ -149,8 +149,9 @@ def own_netfilter_portids(exclude: int = 0) -> Set[int]:
 
 
 class RulesetMonitor:
-    """Watches nftables events for foreign changes to the `family` tables `tables`; `on_drift` gets a
-    DriftReport (from the monitor's thread), `on_verify` is called for the backstop."""
+    """Watches nftables events for foreign changes to the `family` tables `tables`;
+    `on_drift` gets a DriftReport (from the monitor's thread), `on_verify` is called
+    for the backstop."""
 
     name = "ruleset"
 

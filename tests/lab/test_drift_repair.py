@@ -14,7 +14,7 @@ import pytest
 from ipmasq_lab import probes
 
 sys.path.insert(0, os.path.dirname(__file__))
-from masqd_agent import masqd_tables, run_script, running_agent, table_objects  # noqa: E402
+from masqd_agent import run_script, running_agent, table_objects  # noqa: E402
 
 pytestmark = pytest.mark.lab
 
@@ -53,7 +53,7 @@ def wait_for(predicate, timeout=5.0, step=0.02):
 
 def table_or_none(agent):
     """masqd's tables, None while the main one is missing."""
-    listing = masqd_tables(agent.nft("list", "ruleset"))
+    listing = agent.table()
     return listing if listing.startswith("table inet masqd {") else None
 
 
